@@ -1,0 +1,144 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower::BoxError;
+
+use crate::policy::classify::MAX_ERROR_BODY;
+
+/// How long reading an error body may take, at most, before it is classified on what arrived.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The response body of [`Retry`](super::Retry): the inner body untouched, or, for an error
+/// response whose start was read to classify it, that start followed by the rest.
+#[derive(Debug)]
+pub struct RetryBody<B> {
+    prefix: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    inner: B,
+    inner_done: bool,
+}
+
+impl<B> RetryBody<B> {
+    pub(super) fn passthrough(inner: B) -> Self {
+        Self {
+            prefix: None,
+            trailers: None,
+            inner,
+            inner_done: false,
+        }
+    }
+
+    /// The inner body (after the already-read start, if any, has been consumed).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> Body for RetryBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if this.inner_done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.inner_done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none()
+            && self.trailers.is_none()
+            && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        if self.inner_done {
+            return SizeHint::with_exact(prefix);
+        }
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(prefix));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(prefix));
+        }
+        hint
+    }
+}
+
+/// Reads the start of an error body (at most [`MAX_ERROR_BODY`] bytes, for at most the smaller of
+/// 10 s and the call's remaining time) and returns it, with a body that replays it before the rest.
+pub(super) async fn read_error_body<B>(
+    mut body: B,
+    remaining: Option<Duration>,
+) -> Result<(Bytes, RetryBody<B>), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let limit = remaining.map_or(ERROR_BODY_TIMEOUT, |r| r.min(ERROR_BODY_TIMEOUT));
+    let mut prefix = BytesMut::new();
+    let mut trailers = None;
+    let mut done = false;
+    let read = async {
+        while prefix.len() < MAX_ERROR_BODY {
+            match body.frame().await {
+                None => {
+                    done = true;
+                    break;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => prefix.extend_from_slice(&data),
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                        done = true;
+                        break;
+                    }
+                },
+            }
+        }
+        Ok::<(), BoxError>(())
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!(
+            read = prefix.len(),
+            "tower_aoai: error body still arriving after {limit:?}; classifying on what arrived"
+        ),
+    }
+    let prefix = prefix.freeze();
+    let body = RetryBody {
+        prefix: (!prefix.is_empty()).then(|| prefix.clone()),
+        trailers,
+        inner: body,
+        inner_done: done,
+    };
+    Ok((prefix, body))
+}

@@ -1,0 +1,88 @@
+use std::sync::{Arc, Mutex};
+
+use tower_layer::Layer;
+
+use super::Retry;
+use crate::policy::{RetryBudget, RetryPolicy};
+
+/// Applies [`Retry`] to a service. See the [module docs](crate::retry).
+///
+/// Clones share one retry budget and one random source, so the budget bounds retries across every
+/// service the layer built.
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) policy: RetryPolicy,
+    pub(super) budget: Mutex<RetryBudget>,
+    pub(super) rng: Mutex<fastrand::Rng>,
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new(RetryPolicy::default())
+    }
+}
+
+impl RetryLayer {
+    /// A layer that retries by `policy`, with the default [`RetryBudget`].
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self::from_parts(policy, RetryBudget::default(), fastrand::Rng::new())
+    }
+
+    /// Replaces the retry budget.
+    pub fn with_budget(self, budget: RetryBudget) -> Self {
+        Self::from_parts(self.shared.policy, budget, self.rng())
+    }
+
+    /// Seeds the jitter, so that runs are reproducible.
+    pub fn with_seed(self, seed: u64) -> Self {
+        Self::from_parts(
+            self.shared.policy,
+            self.budget(),
+            fastrand::Rng::with_seed(seed),
+        )
+    }
+
+    /// The retry policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.shared.policy
+    }
+
+    fn budget(&self) -> RetryBudget {
+        self.shared
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn rng(&self) -> fastrand::Rng {
+        self.shared
+            .rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn from_parts(policy: RetryPolicy, budget: RetryBudget, rng: fastrand::Rng) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                policy,
+                budget: Mutex::new(budget),
+                rng: Mutex::new(rng),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::from_shared(inner, self.shared.clone())
+    }
+}

@@ -1,0 +1,200 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use tower::{BoxError, ServiceExt};
+use tower_service::Service;
+
+use super::body::{RetryBody, read_error_body};
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use crate::policy::classify::{self, TransportError};
+use crate::policy::{Action, RetryPolicy};
+
+/// The caller's own deadline for a call, as a request extension; the retry loop never waits past
+/// it (nor past the policy's deadline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+/// Retries calls by a [`RetryPolicy`]. See the [module docs](crate::retry).
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner` with retries by `policy`.
+    pub fn new(inner: S, policy: RetryPolicy) -> Self {
+        super::RetryLayer::new(policy).layer_service(inner)
+    }
+
+    pub(super) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl super::RetryLayer {
+    fn layer_service<S>(&self, inner: S) -> Retry<S> {
+        tower_layer::Layer::layer(self, inner)
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Clone + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<RetryBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<Self::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The ready service serves the first attempt; a clone takes its place (tower's idiom).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(run(ready, self.shared.clone(), req))
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn run<S, B, ResBody>(
+    mut svc: S,
+    shared: Arc<Shared>,
+    req: Request<B>,
+) -> Result<Response<RetryBody<ResBody>>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body<Data = Bytes> + Unpin,
+    ResBody::Error: Into<BoxError>,
+{
+    let policy = shared.policy;
+    let caller_deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+    let mut call = {
+        let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
+        policy.start(now(), caller_deadline, &mut budget)
+    };
+    let mut first = true;
+    loop {
+        if !first {
+            svc.ready().await.map_err(Into::into)?;
+        }
+        first = false;
+        let attempt = svc.call(req.clone()).await.map_err(Into::into);
+        let (class, result) = match attempt {
+            Ok(res) if classify::needs_body(res.status()) => {
+                let (parts, body) = res.into_parts();
+                let remaining = call.remaining(now());
+                match read_error_body(body, remaining).await {
+                    Ok((prefix, body)) => {
+                        let class = classify::classify_response(
+                            parts.status,
+                            &parts.headers,
+                            Some(prefix.as_ref()),
+                            SystemTime::now(),
+                        );
+                        (class, Ok(Response::from_parts(parts, body)))
+                    }
+                    Err(e) => (classify::classify_error(TransportError::Connect), Err(e)),
+                }
+            }
+            Ok(res) => {
+                let class = classify::classify_response(
+                    res.status(),
+                    res.headers(),
+                    None,
+                    SystemTime::now(),
+                );
+                (class, Ok(res.map(RetryBody::passthrough)))
+            }
+            Err(e) => {
+                let kind = if is_timeout(&*e) {
+                    TransportError::Timeout
+                } else {
+                    TransportError::Connect
+                };
+                (classify::classify_error(kind), Err(e))
+            }
+        };
+        let action = {
+            let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+            policy.on_attempt(&mut call, &class, now(), &mut budget, &mut rng)
+        };
+        match action {
+            Action::Retry { after, hint } => {
+                tracing::debug!(
+                    attempt = call.attempts(),
+                    outcome = class.outcome.as_str(),
+                    wait_ms = after.as_millis() as u64,
+                    hint = hint.map(|h| h.as_str()),
+                    "tower_aoai: retrying"
+                );
+                // The failed response (and its connection) is released before the wait.
+                drop(result);
+                tokio::time::sleep(after).await;
+            }
+            Action::GiveUp(reason) => {
+                tracing::info!(
+                    attempts = call.attempts(),
+                    outcome = class.outcome.as_str(),
+                    reason = reason.as_str(),
+                    "tower_aoai: giving up"
+                );
+                return result.map(|mut res| {
+                    res.headers_mut()
+                        .insert("x-should-retry", HeaderValue::from_static("false"));
+                    res
+                });
+            }
+            _ => return result,
+        }
+    }
+}
+
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
