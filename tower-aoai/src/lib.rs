@@ -14,7 +14,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod limit;
 pub mod policy;
 pub mod retry;
+pub mod route;
 
 pub use retry::RetryLayer;

@@ -17,7 +17,10 @@ pub mod backoff;
 pub mod budget;
 pub mod classify;
 pub mod hints;
+pub mod limit;
+pub mod pacing;
 pub mod retry;
+pub mod route;
 pub mod tokens;
 
 mod error;

@@ -1,0 +1,1 @@
+//! AdaptiveConcurrencyLayer (issue 4; being built).

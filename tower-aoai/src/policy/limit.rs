@@ -1,0 +1,1 @@
+//! The adaptive concurrency limit (issue 4; being built).

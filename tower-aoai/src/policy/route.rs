@@ -1,0 +1,1 @@
+//! Backend choice, cooldowns, breakers and hedging decisions (issue 5; being built).

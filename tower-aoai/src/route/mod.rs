@@ -1,0 +1,1 @@
+//! Routing, failover and hedging layer (issue 5; being built).
