@@ -80,6 +80,8 @@ impl RetryBudget {
     /// Takes one retry from the budget; `false` when the budget is spent and the retry must not
     /// be made.
     pub fn try_withdraw(&mut self, now: Instant) -> bool {
+        // The first event of any kind anchors the slots, so windows do not depend on which came first.
+        self.origin.get_or_insert(now);
         let (deposits, withdrawals) = self.totals(now);
         let allowed = f64::from(self.reserve) + self.ratio * f64::from(deposits);
         if f64::from(withdrawals) + 1.0 > allowed {
