@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything and runs every test: Rust (unit, layer, property, doc), lints, formatting,
+# the Python stub check, and the Python suites against the real openai SDK.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export PROPTEST_CASES="${PROPTEST_CASES:-512}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace (unit, layer, property and doc tests)"
+cargo test --workspace
+
+step "python environment and pip install ."
+bash scripts/setup.sh
+
+step "stub check (mypy.stubtest)"
+.venv/bin/python -m mypy.stubtest tower_aoai._core
+
+step "simulator binary for the Python suites"
+cargo build -p aoai-sim --bin aoai-sim
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+export AOAI_SIM_BIN="$target_dir/debug/aoai-sim"
+
+step "pytest"
+.venv/bin/python -m pytest python-tests -q
