@@ -30,5 +30,6 @@ pub use budget::RetryBudget;
 pub use classify::{Classification, Outcome, ThrottleCause, TransientKind, TransportError};
 pub use error::ConfigError;
 pub use hints::{DelayHint, HintSource};
+pub use limit::{AdaptiveLimit, Adjustment, LimitConfig, Permit};
 pub use retry::{Action, CallState, GiveUpReason, RetryPolicy};
 pub use tokens::TokenEstimator;
