@@ -1,0 +1,72 @@
+"""The httpx2 transports (openai >= 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar
+
+import httpx2
+
+from ._core import Engine
+from ._driver import AsyncDriver, SyncDriver
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._driver import EngineSettings
+
+
+class Transport(SyncDriver, httpx2.BaseTransport):
+    """An ``httpx2`` transport that retries throttled and failed calls as the Rust core decides.
+
+    Wraps ``transport`` (default ``httpx2.HTTPTransport()``). Settings are those of
+    :class:`tower_aoai.Engine` (``max_attempts``, ``deadline``, ``max_wait``, ``backoff_base``,
+    ``backoff_cap``, ``hint_jitter``, ``budget_ttl``, ``budget_min_per_sec``, ``budget_ratio``,
+    ``seed``), or pass a shared ``engine=``. ``sleep`` (default ``time.sleep``) carries out waits.
+
+    When it gives up it returns the last response with ``x-should-retry: false``, so the openai
+    SDK above it does not retry again. Success bodies are never read: streams pass through.
+    """
+
+    _http: ClassVar[ModuleType] = httpx2
+
+    def __init__(
+        self,
+        transport: httpx2.BaseTransport | None = None,
+        *,
+        engine: Engine | None = None,
+        sleep: Callable[[float], None] | None = None,
+        **settings: Unpack[EngineSettings],
+    ) -> None:
+        self._setup(transport, engine, sleep, dict(settings))
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        """Sends ``request``, retrying as the engine decides; returns the final response."""
+        response: httpx2.Response = super().handle_request(request)
+        return response
+
+
+class AsyncTransport(AsyncDriver, httpx2.AsyncBaseTransport):
+    """The asynchronous :class:`Transport`, for ``httpx2.AsyncClient`` (``openai.AsyncAzureOpenAI``).
+
+    Wraps ``transport`` (default ``httpx2.AsyncHTTPTransport()``); ``sleep`` (default
+    ``asyncio.sleep``) carries out waits.
+    """
+
+    _http: ClassVar[ModuleType] = httpx2
+
+    def __init__(
+        self,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        *,
+        engine: Engine | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        **settings: Unpack[EngineSettings],
+    ) -> None:
+        self._setup(transport, engine, sleep, dict(settings))
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        """Sends ``request``, retrying as the engine decides; returns the final response."""
+        response: httpx2.Response = await super().handle_async_request(request)
+        return response
