@@ -31,5 +31,6 @@ pub use classify::{Classification, Outcome, ThrottleCause, TransientKind, Transp
 pub use error::ConfigError;
 pub use hints::{DelayHint, HintSource};
 pub use limit::{AdaptiveLimit, Adjustment, LimitConfig, Permit};
+pub use pacing::{Gcra, LimitWindow, Pacer, PacingConfig};
 pub use retry::{Action, CallState, GiveUpReason, RetryPolicy};
 pub use tokens::TokenEstimator;
