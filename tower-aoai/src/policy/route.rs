@@ -1,1 +1,0 @@
-//! Backend choice, cooldowns, breakers and hedging decisions (issue 5; being built).
