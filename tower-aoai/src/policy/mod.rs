@@ -12,15 +12,18 @@
 //! - [`budget`]: a retry budget so retries never multiply traffic.
 //! - [`retry`]: the per-call retry state machine that ties the above together.
 //! - [`tokens`]: the token estimate of a request body, the same rule the service applies.
+//! - [`stats`]: counters and gauges per backend; [`diagnose`]: why throttling happened, from them.
 
 pub mod backoff;
 pub mod budget;
 pub mod classify;
+pub mod diagnose;
 pub mod hints;
 pub mod limit;
 pub mod pacing;
 pub mod retry;
 pub mod route;
+pub mod stats;
 pub mod tokens;
 
 mod error;
