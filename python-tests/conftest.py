@@ -1,0 +1,239 @@
+"""A scripted HTTP server on 127.0.0.1 and a fake clock for the transport tests.
+
+The server plays a list of replies in order (the last one repeats) and records every hit, so a
+test can assert how many attempts reached it, when, and with which headers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+#: Bounds every wait in the server so a broken test cannot hang.
+GATE_TIMEOUT = 5.0
+
+
+@dataclass
+class Reply:
+    """One scripted answer."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    #: When set, the body is sent chunked, one element per chunk, and between the first and the
+    #: second chunk the server waits for `gate` (so a test can see that chunk 1 arrived alone).
+    chunks: list[bytes] | None = None
+    gate: threading.Event | None = None
+    #: Seconds to wait before answering (to provoke client timeouts).
+    delay: float = 0.0
+
+
+@dataclass
+class Hit:
+    at: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def chat_completion(content: str = "hello") -> Reply:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+    return Reply(200, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def sse_stream(words: list[str], gate: threading.Event | None = None) -> Reply:
+    chunks = []
+    for i, word in enumerate(words):
+        chunk = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-4o",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": word} if i else {"role": "assistant", "content": word},
+                    "finish_reason": None,
+                }
+            ],
+        }
+        chunks.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    chunks.append(b"data: [DONE]\n\n")
+    return Reply(200, {"content-type": "text/event-stream"}, chunks=chunks, gate=gate)
+
+
+QUOTA_MESSAGE = (
+    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 "
+    "have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after "
+    "6 seconds."
+)
+
+
+def throttle(message: str = QUOTA_MESSAGE, **headers: str) -> Reply:
+    """A 429 with Azure's error body; header names use `_` for `-`."""
+    body = json.dumps({"error": {"code": "429", "message": message}}).encode()
+    hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+    hdrs["content-type"] = "application/json"
+    return Reply(429, hdrs, body)
+
+
+def blocked() -> Reply:
+    body = {
+        "error": {
+            "code": "Forbidden",
+            "message": "Your resource has been temporarily blocked because we detected unusual behavior.",
+        }
+    }
+    return Reply(403, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def server_error(body: bytes = b'{"error":{"code":"InternalServerError","message":"oops"}}') -> Reply:
+    return Reply(500, {"content-type": "application/json"}, body)
+
+
+def http_date(seconds_from_now: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+class ScriptedServer:
+    """Plays `script` (the last reply repeats) and records hits."""
+
+    def __init__(self) -> None:
+        self.script: list[Reply] = [chat_completion()]
+        self.hits: list[Hit] = []
+        self.stream_finished = threading.Event()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        host, port = self._httpd.server_address[:2]
+        self.url = f"http://{host}:{port}"
+
+    def play(self, *replies: Reply) -> None:
+        with self._lock:
+            self.script = list(replies)
+            self.hits = []
+        self.stream_finished.clear()
+
+    def waits(self) -> list[float]:
+        """Seconds between consecutive hits, as the server saw them."""
+        return [b.at - a.at for a, b in zip(self.hits, self.hits[1:])]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _next(self, hit: Hit) -> Reply:
+        with self._lock:
+            index = len(self.hits)
+            self.hits.append(hit)
+            return self.script[min(index, len(self.script) - 1)]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                hit = Hit(time.monotonic(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                reply = server._next(hit)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    if reply.chunks is None:
+                        self.send_header("content-length", str(len(reply.body)))
+                        self.end_headers()
+                        self.wfile.write(reply.body)
+                        self.wfile.flush()
+                        return
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    for i, chunk in enumerate(reply.chunks):
+                        if i == 1 and reply.gate is not None:
+                            reply.gate.wait(GATE_TIMEOUT)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    server.stream_finished.set()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = _serve
+            do_POST = _serve
+
+        return Handler
+
+
+class FakeSleep:
+    """Records the waits a transport asks for instead of sleeping (a fake clock)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+class AsyncFakeSleep(FakeSleep):
+    async def __call__(self, seconds: float) -> None:  # type: ignore[override]
+        self.waits.append(seconds)
+
+
+@pytest.fixture(scope="session")
+def _server() -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(_server: ScriptedServer) -> ScriptedServer:
+    _server.play(chat_completion())
+    return _server
+
+
+@pytest.fixture
+def sleep() -> FakeSleep:
+    return FakeSleep()
+
+
+@pytest.fixture
+def async_sleep() -> AsyncFakeSleep:
+    return AsyncFakeSleep()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

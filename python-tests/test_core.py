@@ -1,0 +1,160 @@
+"""The native engine (tower_aoai._core): validation, header handling and the action tuples."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+import tower_aoai
+from tower_aoai import Engine
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("max_attempts", 0),
+        ("max_attempts", 101),
+        ("max_attempts", -1),
+        ("deadline", 0.0),
+        ("deadline", -5.0),
+        ("deadline", math.nan),
+        ("max_wait", 0.0),
+        ("max_wait", math.inf),
+        ("backoff_base", 0.0),
+        ("backoff_cap", 0.1),  # below the default base of 0.5
+        ("hint_jitter", 1.5),
+        ("hint_jitter", math.nan),
+        ("budget_ttl", 0.5),
+        ("budget_ttl", -1.0),
+        ("budget_min_per_sec", -1),
+        ("budget_ratio", -0.1),
+        ("budget_ratio", math.inf),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_the_argument(argument: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        Engine(**{argument: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        tower_aoai.Transport(**{argument: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        tower_aoai.AsyncTransport(**{argument: value})  # type: ignore[arg-type]
+
+
+def test_unknown_settings_and_mixed_engine_are_type_errors() -> None:
+    with pytest.raises(TypeError):
+        tower_aoai.Transport(max_attemps=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="engine"):
+        tower_aoai.Transport(engine=Engine(), max_attempts=3)
+    with pytest.raises(TypeError, match="engine"):
+        tower_aoai.Transport(engine="not an engine")  # type: ignore[arg-type]
+
+
+def test_settings_are_kept_and_shown() -> None:
+    engine = Engine(max_attempts=7, deadline=None, max_wait=30.0, backoff_base=0.25, backoff_cap=4.0, seed=9)
+    assert engine.max_attempts == 7
+    assert engine.deadline is None
+    assert engine.max_wait == 30.0
+    assert engine.backoff_base == 0.25
+    assert engine.backoff_cap == 4.0
+    assert engine.seed == 9
+    assert repr(engine).startswith("Engine(max_attempts=7, deadline=None, max_wait=30.0,")
+    defaults = Engine()
+    assert (defaults.max_attempts, defaults.deadline, defaults.max_wait) == (5, 120.0, 60.0)
+    assert (defaults.budget_ttl, defaults.budget_min_per_sec, defaults.budget_ratio) == (10.0, 10, 0.2)
+
+
+def test_needs_body_only_for_error_statuses() -> None:
+    call = Engine().start()
+    assert not call.needs_body(200)
+    assert not call.needs_body(304)
+    assert call.needs_body(429)
+    assert call.needs_body(500)
+    assert not call.needs_body(1000)
+
+
+def test_actions() -> None:
+    call = Engine(max_attempts=2, hint_jitter=0.0).start()
+    kind, delay, reason = call.on_response(429, [(b"retry-after-ms", b"1500")], b"{}")
+    assert (kind, delay, reason) == ("retry", 1.5, "throttled_unknown")
+    assert call.on_response(429, [(b"retry-after-ms", b"1500")], b"{}") == ("give_up", None, "attempts_exhausted")
+    assert call.attempts == 2
+    assert call.last_outcome == "throttled_unknown"
+    assert Engine().start().on_response(200, []) == ("return", None, None)
+    assert Engine().start().on_response(400, [], b'{"error":{"code":"BadRequest"}}') == ("return", None, None)
+
+
+def test_the_body_decides_the_throttle_cause() -> None:
+    body = b'{"error":{"code":"429","message":"The system is currently experiencing high demand"}}'
+    assert Engine().start().on_response(429, [], body)[2] == "throttled_capacity"
+
+
+def test_x_should_retry_false_from_the_server_is_honoured() -> None:
+    assert Engine().start().on_response(503, [(b"x-should-retry", b"false")], b"") == ("return", None, None)
+
+
+def test_on_error() -> None:
+    call = Engine(max_attempts=3, backoff_base=0.1, backoff_cap=0.1).start()
+    kind, delay, reason = call.on_error("timeout")
+    assert kind == "retry" and delay is not None and 0.0 <= delay <= 0.1 and reason == "transient_timeout"
+    assert call.on_error("connect")[0] == "retry"
+    assert call.on_error("connect") == ("give_up", None, "attempts_exhausted")
+    with pytest.raises(ValueError, match="`kind`"):
+        call.on_error("dns")  # type: ignore[arg-type]
+
+
+def test_hostile_headers_are_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    headers = [
+        (b"bad name", b"1"),
+        (b"retry-after", b"\x00\x01"),
+        (b"x-junk", b"\xff\xfe"),
+        (b"retry-after-ms", b"99999999999999999999999999"),
+        (b"retry-after", b"3"),
+    ]
+    with caplog.at_level(logging.DEBUG, logger="tower_aoai"):
+        kind, delay, _ = Engine(hint_jitter=0.0).start().on_response(429, headers, b"\xff not json")
+    assert kind == "retry"
+    assert delay == 3.0  # the overflowing retry-after-ms is no hint; the valid retry-after is
+    assert any("invalid response header" in r.getMessage() for r in caplog.records)
+
+
+def test_headers_must_be_byte_pairs() -> None:
+    call = Engine().start()
+    with pytest.raises(TypeError):
+        call.on_response(429, [("retry-after", "1")])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="`status`"):
+        call.on_response(42, [])
+
+
+def test_the_budget_is_shared_by_calls_of_one_engine() -> None:
+    engine = Engine(budget_min_per_sec=1, budget_ttl=1.0, budget_ratio=0.0)
+    assert engine.budget_remaining() == 1
+    assert engine.start().on_error("connect")[0] == "retry"
+    assert engine.start().on_error("connect") == ("give_up", None, "budget_exhausted")
+
+
+def test_legacy_names_are_lazy_and_listed() -> None:
+    assert "HttpxTransport" in dir(tower_aoai)
+    with pytest.raises(AttributeError):
+        tower_aoai.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_importing_needs_no_legacy_httpx() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import tower_aoai\n"
+        "assert 'httpx' not in sys.modules, 'legacy httpx was imported eagerly'\n"
+        "sys.modules['httpx'] = None\n"
+        "tower_aoai.Transport()\n"
+        "try:\n"
+        "    tower_aoai.HttpxTransport\n"
+        "except ImportError as e:\n"
+        "    assert 'tower-aoai[legacy]' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
