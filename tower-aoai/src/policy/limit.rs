@@ -521,7 +521,8 @@ impl AdaptiveLimit {
                 Some(target) if from < target + 1.0 => self.config.probe_step,
                 _ => 1.0,
             };
-            per_round_trip / from
+            // Never faster than slow start: at most one per success.
+            (per_round_trip / from).min(1.0)
         };
         let to = (from + step).min(max);
         self.window = to;

@@ -204,6 +204,26 @@ impl PacingConfig {
         self
     }
 
+    /// The configured requests-per-minute quota.
+    pub fn requests_per_minute(&self) -> Option<f64> {
+        self.requests_per_minute
+    }
+
+    /// The configured tokens-per-minute quota.
+    pub fn tokens_per_minute(&self) -> Option<f64> {
+        self.tokens_per_minute
+    }
+
+    /// The share of the quota actually used.
+    pub fn safety(&self) -> f64 {
+        self.safety
+    }
+
+    /// The longest any single hold may last.
+    pub fn max_hold(&self) -> Duration {
+        self.max_hold
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         for (field, value) in [
             ("pacing.requests_per_minute", self.requests_per_minute),
