@@ -1,1 +1,17 @@
-//! Azure OpenAI simulator (being built).
+//! An Azure OpenAI simulator.
+//!
+//! - [`scenario`]: resources, deployments, regions, a timeline of events and a workload, from a
+//!   TOML file.
+//! - [`model`]: the pure model of the service, in virtual time ([`Model::handle`]).
+//! - [`driver`]: runs a client policy against the model under a virtual clock ([`driver::run`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod driver;
+pub mod model;
+pub mod scenario;
+
+pub use model::{
+    Answer, Model, Operation, SimBody, SimRequest, SimResponse, Stats, Timing, Verdict,
+};
+pub use scenario::{Scenario, ScenarioError};

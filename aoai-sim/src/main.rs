@@ -1,0 +1,3 @@
+//! `aoai-sim`: the Azure OpenAI simulator's command line (being built).
+
+fn main() {}

@@ -1,0 +1,1138 @@
+//! The pure model of Azure OpenAI: no sockets, no sleeps, no clock.
+//!
+//! [`Model::handle`] takes the virtual time since the start of the run (`now`) and a
+//! [`SimRequest`], and answers with a [`SimResponse`]: what the service would answer and when
+//! (the [`Timing`] of the first byte, of each streamed chunk, and of the end), or that the
+//! connection is refused or reset. Concurrent load is released at the end time computed at
+//! admission, so `handle` calls must come with non-decreasing `now`.
+//!
+//! What is modelled, in the order a request meets it:
+//! 1. outages (refuse, reset mid-stream, 500/503) of a region or resource, on the timeline;
+//! 2. auth (`api-key` or bearer, against the resource's key): 401;
+//! 3. the deployment (path, or `model` in the body): 404;
+//! 4. the 403 abuse block of the whole resource (idle-then-burst detector, then blocked for a time);
+//! 5. provisioned deployments: a leaky bucket on estimated tokens, 429 with `retry-after-ms` at
+//!    100 % utilisation, optional spillover to a standard deployment;
+//! 6. standard deployments: requests in 1 s / 10 s windows (call rate), estimated tokens in a
+//!    one-minute window (token rate);
+//! 7. regional capacity ("high demand"), from the region's concurrent load and burstiness.
+//!
+//! ```
+//! use std::time::Duration;
+//! use aoai_sim::{Model, Scenario, SimRequest};
+//!
+//! let scenario = Scenario::from_toml(r#"
+//!     [[regions]]
+//!     name = "eastus2"
+//!     [[resources]]
+//!     name = "east"
+//!     region = "eastus2"
+//!     api_key = "k"
+//!     [[resources.deployments]]
+//!     name = "gpt-4o"
+//!     tpm = 1000
+//!     rpm = 60
+//!     rpm_windows_s = [1]
+//! "#).unwrap();
+//! let mut model = Model::new(&scenario).unwrap();
+//! let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
+//! let req = SimRequest::chat("east", "gpt-4o", "k", &body[..]);
+//! let first = model.handle(Duration::ZERO, &req);
+//! assert_eq!(first.status(), Some(200));
+//! // 60 RPM checked over 1 s windows: the second request within the same second is throttled.
+//! let second = model.handle(Duration::from_millis(10), &req);
+//! assert_eq!(second.status(), Some(429));
+//! ```
+
+mod render;
+mod texts;
+mod window;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde_json::Value;
+use tower_aoai::policy::TokenEstimator;
+
+use crate::scenario::{
+    Abuse, Capacity, DeploymentKind, EventKind, Latency, OutageMode, Scenario, ScenarioError,
+    ThrottleHeaders,
+};
+use window::Window;
+
+/// The API version quoted in messages when a request names none.
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+
+/// The operation a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Operation {
+    /// `/chat/completions` (deployment path or v1).
+    ChatCompletions,
+    /// `/completions`.
+    Completions,
+    /// `/embeddings`.
+    Embeddings,
+    /// `/openai/responses` (model in the body).
+    Responses,
+}
+
+/// A request as the model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimRequest {
+    /// The resource addressed (its name in the scenario).
+    pub resource: String,
+    /// The deployment from the URL path; `None`: the body's `model` names it (v1, responses).
+    pub deployment: Option<String>,
+    /// The operation.
+    pub operation: Operation,
+    /// The `api-version` query parameter, if any.
+    pub api_version: Option<String>,
+    /// The key presented (`api-key` header or `Authorization: Bearer`).
+    pub api_key: Option<String>,
+    /// The `x-ms-spillover-deployment` request header, if any.
+    pub spillover_deployment: Option<String>,
+    /// The JSON body.
+    pub body: Bytes,
+}
+
+impl SimRequest {
+    /// A chat completion to `resource`/`deployment` with the right key.
+    pub fn chat(resource: &str, deployment: &str, api_key: &str, body: impl Into<Bytes>) -> Self {
+        Self {
+            resource: resource.to_string(),
+            deployment: Some(deployment.to_string()),
+            operation: Operation::ChatCompletions,
+            api_version: None,
+            api_key: Some(api_key.to_string()),
+            spillover_deployment: None,
+            body: body.into(),
+        }
+    }
+}
+
+/// A response body: whole, or the SSE chunks of a stream (the last ends with `data: [DONE]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimBody {
+    /// The whole body, sent at [`Timing::total`].
+    Full(Bytes),
+    /// Chunks; the first at [`Timing::first_byte`], then one per [`Timing::per_chunk`].
+    Stream(Vec<Bytes>),
+}
+
+impl SimBody {
+    /// The body as one buffer (chunks concatenated).
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            SimBody::Full(b) => b.clone(),
+            SimBody::Stream(chunks) => Bytes::from(chunks.concat()),
+        }
+    }
+}
+
+/// When an answer's parts are due, relative to its arrival (virtual time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timing {
+    /// Time to the headers and first chunk (time to first token).
+    pub first_byte: Duration,
+    /// Time between streamed chunks (time per output token).
+    pub per_chunk: Duration,
+    /// Time to the end of the answer.
+    pub total: Duration,
+}
+
+/// Why the model answered as it did (for stats and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Verdict {
+    /// Served.
+    Ok,
+    /// Served by the spillover deployment after a PTU 429.
+    Spilled,
+    /// 429, token rate (TPM).
+    TokenRate,
+    /// 429, call rate (RPM in a short window).
+    CallRate,
+    /// 429, regional capacity (peak load).
+    Capacity,
+    /// 429, provisioned deployment at 100 %.
+    Provisioned,
+    /// 403, resource temporarily blocked.
+    Blocked,
+    /// 401.
+    Unauthorized,
+    /// 404.
+    NotFound,
+    /// 400.
+    BadRequest,
+    /// Outage: an error status, a refused connection or a reset.
+    Outage,
+}
+
+impl Verdict {
+    /// A short stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Spilled => "spilled",
+            Verdict::TokenRate => "token_rate",
+            Verdict::CallRate => "call_rate",
+            Verdict::Capacity => "capacity",
+            Verdict::Provisioned => "provisioned",
+            Verdict::Blocked => "blocked",
+            Verdict::Unauthorized => "unauthorized",
+            Verdict::NotFound => "not_found",
+            Verdict::BadRequest => "bad_request",
+            Verdict::Outage => "outage",
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers (ids, region, deployment, rate-limit and delay headers).
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: SimBody,
+    /// When its parts are due.
+    pub timing: Timing,
+    /// Why.
+    pub verdict: Verdict,
+}
+
+/// What the service does with a request.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SimResponse {
+    /// An HTTP answer.
+    Answer(Answer),
+    /// The connection is refused: no response at all, at once.
+    Refused,
+    /// The answer starts, and the connection is reset after `after_chunks` chunks (0: before the
+    /// headers), at `at` after arrival.
+    Reset {
+        /// The answer that was being sent.
+        answer: Answer,
+        /// Chunks sent before the reset.
+        after_chunks: usize,
+        /// When the reset happens, after arrival.
+        at: Duration,
+    },
+}
+
+impl SimResponse {
+    /// The HTTP status, when there is an answer (a reset after the headers has one too).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SimResponse::Answer(a) => Some(a.status.as_u16()),
+            SimResponse::Reset {
+                answer,
+                after_chunks,
+                ..
+            } if *after_chunks > 0 => Some(answer.status.as_u16()),
+            _ => None,
+        }
+    }
+
+    /// The answer, if there is one that completes.
+    pub fn answer(&self) -> Option<&Answer> {
+        match self {
+            SimResponse::Answer(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// When the outcome is known to the client, after arrival: the end of the answer, or the
+    /// reset; zero for a refused connection.
+    pub fn done_after(&self) -> Duration {
+        match self {
+            SimResponse::Answer(a) => a.timing.total,
+            SimResponse::Refused => Duration::ZERO,
+            SimResponse::Reset { at, .. } => *at,
+        }
+    }
+}
+
+/// Server-side counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests handled.
+    pub requests: u64,
+    /// Answers by `"resource/deployment"` and status (0: refused or reset before the headers).
+    pub by_deployment: BTreeMap<String, BTreeMap<u16, u64>>,
+    /// Answers by [`Verdict`] name.
+    pub by_verdict: BTreeMap<&'static str, u64>,
+}
+
+impl Stats {
+    /// Answers with `status` over all deployments.
+    pub fn status_count(&self, status: u16) -> u64 {
+        self.by_deployment
+            .values()
+            .filter_map(|m| m.get(&status))
+            .sum()
+    }
+
+    /// Answers with this verdict.
+    pub fn verdict_count(&self, verdict: Verdict) -> u64 {
+        self.by_verdict.get(verdict.as_str()).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+struct RegionState {
+    display: HeaderValue,
+    latency: Latency,
+    capacity: Capacity,
+    in_flight: BinaryHeap<Reverse<Duration>>,
+    arrivals: Window,
+}
+
+#[derive(Debug, Default)]
+struct AbuseState {
+    last_arrival: Option<Duration>,
+    burst_start: Option<Duration>,
+    burst_count: u32,
+    blocked_until: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct ResourceState {
+    name: String,
+    region: usize,
+    api_key: String,
+    abuse: Option<Abuse>,
+    abuse_state: AbuseState,
+    deployments: Vec<DeploymentState>,
+}
+
+#[derive(Debug)]
+struct DeploymentState {
+    name: String,
+    name_header: HeaderValue,
+    model: String,
+    kind: DeploymentKind,
+    tpm: u64,
+    request_windows: Vec<(Window, u64)>,
+    tokens: Window,
+    headers: ThrottleHeaders,
+    spillover_to: Option<usize>,
+    ptu_message: String,
+    utilization_header: bool,
+    ptu_level: f64,
+    ptu_updated: Duration,
+}
+
+#[derive(Debug)]
+struct EventState {
+    kind: EventKind,
+    start: Duration,
+    end: Duration,
+    region: Option<usize>,
+    resource: Option<usize>,
+    mode: OutageMode,
+    status: u16,
+    factor: f64,
+    max_concurrent: Option<u32>,
+    max_per_second: Option<u32>,
+    reject_share: Option<f64>,
+}
+
+/// Which delay header style a 429 gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderStyle {
+    Both,
+    RetryAfterMs,
+    RetryAfter,
+    Reset,
+    None,
+}
+
+/// The simulated service: every resource, deployment and region of a scenario, in virtual time.
+#[derive(Debug)]
+pub struct Model {
+    estimator: TokenEstimator,
+    output_tokens: u64,
+    rng: fastrand::Rng,
+    regions: Vec<RegionState>,
+    resources: Vec<ResourceState>,
+    events: Vec<EventState>,
+    time_scale: f64,
+    next_id: u64,
+    stats: Stats,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
+fn header(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+impl Model {
+    /// The model of a (validated) scenario.
+    pub fn new(scenario: &Scenario) -> Result<Self, ScenarioError> {
+        scenario.validate()?;
+        let regions = scenario
+            .regions
+            .iter()
+            .map(|r| RegionState {
+                display: header(r.display_name.as_deref().unwrap_or(&r.name)),
+                latency: r.latency,
+                capacity: r.capacity,
+                in_flight: BinaryHeap::new(),
+                arrivals: Window::new(Duration::from_secs(1)),
+            })
+            .collect();
+        let resources = scenario
+            .resources
+            .iter()
+            .map(|res| ResourceState {
+                name: res.name.clone(),
+                region: scenario
+                    .regions
+                    .iter()
+                    .position(|r| r.name == res.region)
+                    .unwrap_or(0),
+                api_key: res.api_key.clone(),
+                abuse: res.abuse,
+                abuse_state: AbuseState::default(),
+                deployments: res
+                    .deployments
+                    .iter()
+                    .map(|d| {
+                        let rpm = d.requests_per_minute();
+                        DeploymentState {
+                            name: d.name.clone(),
+                            name_header: header(&d.name),
+                            model: d.model_name().to_string(),
+                            kind: d.kind,
+                            tpm: d.tpm,
+                            request_windows: match rpm {
+                                Some(rpm) if d.kind == DeploymentKind::Standard => d
+                                    .rpm_windows_s
+                                    .iter()
+                                    .map(|w| {
+                                        let limit = (rpm * f64::from(*w) / 60.0).floor().max(1.0);
+                                        (
+                                            Window::new(Duration::from_secs(u64::from(*w))),
+                                            limit as u64,
+                                        )
+                                    })
+                                    .collect(),
+                                _ => Vec::new(),
+                            },
+                            tokens: Window::new(Duration::from_secs(60)),
+                            headers: d.throttle_headers.unwrap_or(scenario.throttle_headers),
+                            spillover_to: d
+                                .spillover_to
+                                .as_ref()
+                                .and_then(|t| res.deployments.iter().position(|o| &o.name == t)),
+                            ptu_message: d.ptu_message.clone(),
+                            utilization_header: d.utilization_header,
+                            ptu_level: 0.0,
+                            ptu_updated: Duration::ZERO,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let events = scenario
+            .events
+            .iter()
+            .map(|e| EventState {
+                kind: e.kind,
+                start: secs(e.start_s),
+                end: secs(e.end_s),
+                region: e
+                    .region
+                    .as_ref()
+                    .and_then(|n| scenario.regions.iter().position(|r| &r.name == n)),
+                resource: e
+                    .resource
+                    .as_ref()
+                    .and_then(|n| scenario.resources.iter().position(|r| &r.name == n)),
+                mode: e.mode,
+                status: e.status,
+                factor: e.factor,
+                max_concurrent: e.max_concurrent,
+                max_per_second: e.max_per_second,
+                reject_share: e.reject_share,
+            })
+            .collect();
+        Ok(Self {
+            estimator: scenario.tokens.estimator()?,
+            output_tokens: scenario.response.output_tokens,
+            rng: fastrand::Rng::with_seed(scenario.seed),
+            regions,
+            resources,
+            events,
+            time_scale: 1.0,
+            next_id: 0,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Sets how much faster than real time the HTTP server runs: delay headers and "retry after N
+    /// seconds" messages are divided by it, so a client honouring them waits the compressed time.
+    pub fn set_time_scale(&mut self, time_scale: f64) {
+        if time_scale.is_finite() && time_scale > 0.0 {
+            self.time_scale = time_scale;
+        }
+    }
+
+    /// The token estimator the model charges with.
+    pub fn estimator(&self) -> &TokenEstimator {
+        &self.estimator
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Requests in flight in a region at `now` (for tests and reports).
+    pub fn in_flight(&mut self, region: &str, now: Duration, scenario: &Scenario) -> usize {
+        let Some(i) = scenario.regions.iter().position(|r| r.name == region) else {
+            return 0;
+        };
+        let r = &mut self.regions[i];
+        expire(&mut r.in_flight, now);
+        r.in_flight.len()
+    }
+
+    /// Handles one request arriving at `now` (virtual time since the start of the run).
+    pub fn handle(&mut self, now: Duration, req: &SimRequest) -> SimResponse {
+        self.next_id += 1;
+        self.stats.requests += 1;
+        let response = self.decide(now, req);
+        let (key, status, verdict) = match &response {
+            SimResponse::Answer(a) => (
+                self.stats_key(req, &a.headers),
+                a.status.as_u16(),
+                a.verdict,
+            ),
+            SimResponse::Refused => (self.stats_key(req, &HeaderMap::new()), 0, Verdict::Outage),
+            SimResponse::Reset {
+                answer,
+                after_chunks,
+                ..
+            } => (
+                self.stats_key(req, &answer.headers),
+                if *after_chunks > 0 {
+                    answer.status.as_u16()
+                } else {
+                    0
+                },
+                Verdict::Outage,
+            ),
+        };
+        *self
+            .stats
+            .by_deployment
+            .entry(key)
+            .or_default()
+            .entry(status)
+            .or_default() += 1;
+        *self.stats.by_verdict.entry(verdict.as_str()).or_default() += 1;
+        response
+    }
+
+    fn stats_key(&self, req: &SimRequest, headers: &HeaderMap) -> String {
+        let dep = headers
+            .get("x-ms-deployment-name")
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+            .or(req.deployment.as_deref())
+            .unwrap_or("?");
+        format!("{}/{dep}", req.resource)
+    }
+
+    fn decide(&mut self, now: Duration, req: &SimRequest) -> SimResponse {
+        let id = self.next_id;
+        let mut headers = self.base_headers();
+        let Some(ri) = self.resources.iter().position(|r| r.name == req.resource) else {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::NOT_FOUND,
+                texts::not_found(),
+                Verdict::NotFound,
+                Duration::ZERO,
+            ));
+        };
+        let region = self.resources[ri].region;
+        headers.insert("x-ms-region", self.regions[region].display.clone());
+        let error_latency = secs(self.regions[region].latency.error_ms / 1000.0);
+
+        // 1. Outages.
+        if let Some(e) = self.active_event(now, EventKind::Outage, ri) {
+            let (mode, status) = (e.mode, e.status);
+            match mode {
+                OutageMode::Refuse => return SimResponse::Refused,
+                OutageMode::Status => {
+                    let status =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return SimResponse::Answer(self.error(
+                        headers,
+                        status,
+                        texts::server_error(status.as_u16()),
+                        Verdict::Outage,
+                        error_latency,
+                    ));
+                }
+                OutageMode::Reset => {}
+            }
+        }
+        let reset = self.active_event(now, EventKind::Outage, ri).is_some();
+
+        // 2. Auth.
+        if req.api_key.as_deref() != Some(self.resources[ri].api_key.as_str()) {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::UNAUTHORIZED,
+                texts::unauthorized(),
+                Verdict::Unauthorized,
+                error_latency,
+            ));
+        }
+
+        // 3. The deployment.
+        let json: Option<Value> = serde_json::from_slice(&req.body).ok();
+        let json = json.filter(Value::is_object);
+        let Some(json) = json else {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::BAD_REQUEST,
+                texts::bad_request("The request body must be a JSON object."),
+                Verdict::BadRequest,
+                error_latency,
+            ));
+        };
+        let name = match &req.deployment {
+            Some(d) => Some(d.as_str()),
+            None => json.get("model").and_then(Value::as_str),
+        };
+        let Some(name) = name else {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::BAD_REQUEST,
+                texts::bad_request("you must provide a model parameter"),
+                Verdict::BadRequest,
+                error_latency,
+            ));
+        };
+        headers.insert("x-ms-deployment-name", header(name));
+        let Some(di) = self.resources[ri]
+            .deployments
+            .iter()
+            .position(|d| d.name == name)
+        else {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::NOT_FOUND,
+                texts::deployment_not_found(),
+                Verdict::NotFound,
+                error_latency,
+            ));
+        };
+
+        // 4. The abuse block.
+        if self.abuse_check(now, ri) {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::FORBIDDEN,
+                texts::blocked(),
+                Verdict::Blocked,
+                error_latency,
+            ));
+        }
+        self.regions[region].arrivals.add(now, 1);
+
+        let estimate = self.estimator.estimate(&req.body);
+        let api_version = req.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
+        let mut served = di;
+        let mut spilled = false;
+
+        // 5. Provisioned.
+        if self.resources[ri].deployments[di].kind == DeploymentKind::Provisioned {
+            match self.ptu_admit(now, ri, di, estimate, &mut headers) {
+                Ok(()) => {}
+                Err(retry) => {
+                    let spill = req
+                        .spillover_deployment
+                        .as_deref()
+                        .and_then(|s| {
+                            self.resources[ri]
+                                .deployments
+                                .iter()
+                                .position(|d| d.name == s && d.kind == DeploymentKind::Standard)
+                        })
+                        .or(self.resources[ri].deployments[di].spillover_to);
+                    match spill {
+                        Some(to) => {
+                            headers.insert(
+                                "x-ms-spillover-from-deployment",
+                                self.resources[ri].deployments[di].name_header.clone(),
+                            );
+                            headers.insert("x-ms-spillover-error", HeaderValue::from_static("429"));
+                            headers.insert(
+                                "x-ms-deployment-name",
+                                self.resources[ri].deployments[to].name_header.clone(),
+                            );
+                            served = to;
+                            spilled = true;
+                        }
+                        None => {
+                            let message = self.resources[ri].deployments[di].ptu_message.clone();
+                            self.delay_headers(&mut headers, HeaderStyle::Both, retry);
+                            return SimResponse::Answer(self.error(
+                                headers,
+                                StatusCode::TOO_MANY_REQUESTS,
+                                texts::provisioned(&message),
+                                Verdict::Provisioned,
+                                error_latency,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+
+        // 6. Standard quota, 7. regional capacity.
+        if self.resources[ri].deployments[served].kind == DeploymentKind::Standard {
+            if let Some(answer) = self.quota_admit(
+                now,
+                ri,
+                served,
+                estimate,
+                req.operation,
+                api_version,
+                &mut headers,
+                error_latency,
+            ) {
+                return SimResponse::Answer(answer);
+            }
+            if let Some(retry) = self.capacity_refuses(now, ri) {
+                let style = self.pick_style(ri, served);
+                self.delay_headers(&mut headers, style, retry);
+                let seconds = self.message_seconds(retry);
+                return SimResponse::Answer(self.error(
+                    headers,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    texts::peak_load(seconds),
+                    Verdict::Capacity,
+                    error_latency,
+                ));
+            }
+            self.charge(now, ri, served, estimate);
+            self.remaining_headers(now, ri, served, &mut headers);
+        }
+
+        // Served.
+        let dep = &self.resources[ri].deployments[served];
+        let stream = json.get("stream").and_then(Value::as_bool) == Some(true);
+        let max_out = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| json.get(*k).and_then(Value::as_u64))
+            .unwrap_or(self.estimator.default_completion_tokens());
+        let output_tokens = if req.operation == Operation::Embeddings {
+            0
+        } else {
+            self.output_tokens.min(max_out)
+        };
+        let inputs = json
+            .get("input")
+            .and_then(Value::as_array)
+            .map_or(1, Vec::len);
+        let prompt_tokens = estimate.saturating_sub(max_out.saturating_mul(
+            if req.operation == Operation::Embeddings {
+                0
+            } else {
+                1
+            },
+        ));
+        let body = render::success(&render::Success {
+            op: req.operation,
+            model: &dep.model,
+            id,
+            created: 1_700_000_000 + now.as_secs(),
+            prompt_tokens,
+            output_tokens,
+            stream,
+            inputs,
+        });
+        let timing = self.timing(now, ri, output_tokens, &body);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(if matches!(body, SimBody::Stream(_)) {
+                "text/event-stream; charset=utf-8"
+            } else {
+                "application/json"
+            }),
+        );
+        let answer = Answer {
+            status: StatusCode::OK,
+            headers,
+            body,
+            timing,
+            verdict: if spilled {
+                Verdict::Spilled
+            } else {
+                Verdict::Ok
+            },
+        };
+        let chunks = match &answer.body {
+            SimBody::Stream(c) => c.len(),
+            SimBody::Full(_) => 0,
+        };
+        let (response, end) = if reset {
+            let after = chunks / 2;
+            let at = if after == 0 {
+                timing.first_byte
+            } else {
+                timing.first_byte + timing.per_chunk * (after as u32).saturating_sub(1)
+            };
+            (
+                SimResponse::Reset {
+                    answer,
+                    after_chunks: after,
+                    at,
+                },
+                at,
+            )
+        } else {
+            (SimResponse::Answer(answer), timing.total)
+        };
+        self.regions[region].in_flight.push(Reverse(now + end));
+        response
+    }
+
+    fn base_headers(&mut self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(16);
+        let id = format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            self.rng.u32(..),
+            self.rng.u16(..),
+            self.rng.u16(..0x1000),
+            0x8000 | self.rng.u16(..0x4000),
+            self.rng.u64(..1 << 48)
+        );
+        let id = header(&id);
+        h.insert("apim-request-id", id.clone());
+        h.insert("x-request-id", id);
+        h
+    }
+
+    fn error(
+        &mut self,
+        mut headers: HeaderMap,
+        status: StatusCode,
+        body: String,
+        verdict: Verdict,
+        latency: Duration,
+    ) -> Answer {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if !headers.contains_key("x-ms-deployment-name") {
+            headers.insert("x-ms-deployment-name", HeaderValue::from_static(""));
+        }
+        if !headers.contains_key("x-ms-region") {
+            headers.insert("x-ms-region", HeaderValue::from_static(""));
+        }
+        Answer {
+            status,
+            headers,
+            body: SimBody::Full(Bytes::from(body)),
+            timing: Timing {
+                first_byte: latency,
+                per_chunk: Duration::ZERO,
+                total: latency,
+            },
+            verdict,
+        }
+    }
+
+    fn active_event(&self, now: Duration, kind: EventKind, ri: usize) -> Option<&EventState> {
+        let region = self.resources[ri].region;
+        self.events.iter().find(|e| {
+            e.kind == kind
+                && e.start <= now
+                && now < e.end
+                && (e.region == Some(region) || e.resource == Some(ri))
+        })
+    }
+
+    /// Records an arrival at the resource; `true` if the resource is (now) blocked.
+    fn abuse_check(&mut self, now: Duration, ri: usize) -> bool {
+        let res = &mut self.resources[ri];
+        let Some(cfg) = res.abuse else {
+            return false;
+        };
+        let st = &mut res.abuse_state;
+        if st.blocked_until.is_some_and(|until| now < until) {
+            return true;
+        }
+        let idle = match st.last_arrival {
+            None => cfg.idle_at_start,
+            Some(last) => now.saturating_sub(last) >= secs(cfg.idle_s),
+        };
+        if idle {
+            st.burst_start = Some(now);
+            st.burst_count = 0;
+        }
+        st.last_arrival = Some(now);
+        if let Some(start) = st.burst_start {
+            if now.saturating_sub(start) <= secs(cfg.burst_window_s) {
+                st.burst_count += 1;
+                if st.burst_count > cfg.burst_requests {
+                    st.blocked_until = Some(now + secs(cfg.block_s));
+                    st.burst_start = None;
+                    return true;
+                }
+            } else {
+                st.burst_start = None;
+            }
+        }
+        false
+    }
+
+    /// Leaky-bucket admission; `Err(time until utilisation drops under 100 %)`.
+    fn ptu_admit(
+        &mut self,
+        now: Duration,
+        ri: usize,
+        di: usize,
+        estimate: u64,
+        headers: &mut HeaderMap,
+    ) -> Result<(), Duration> {
+        let d = &mut self.resources[ri].deployments[di];
+        let capacity = d.tpm as f64;
+        let rate = capacity / 60.0;
+        let elapsed = now.saturating_sub(d.ptu_updated).as_secs_f64();
+        d.ptu_level = (d.ptu_level - elapsed * rate).max(0.0);
+        d.ptu_updated = now;
+        let result = if d.ptu_level >= capacity {
+            Err(secs((d.ptu_level - capacity) / rate).max(Duration::from_millis(1)))
+        } else {
+            d.ptu_level += estimate as f64;
+            Ok(())
+        };
+        if d.utilization_header {
+            headers.insert(
+                "azure-openai-deployment-utilization",
+                header(&format!("{:.1}%", d.ptu_level / capacity * 100.0)),
+            );
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn quota_admit(
+        &mut self,
+        now: Duration,
+        ri: usize,
+        di: usize,
+        estimate: u64,
+        op: Operation,
+        api_version: &str,
+        headers: &mut HeaderMap,
+        latency: Duration,
+    ) -> Option<Answer> {
+        let d = &mut self.resources[ri].deployments[di];
+        let mut call_rate = None;
+        for (window, limit) in &mut d.request_windows {
+            let wait = window.time_until_fits(now, 1, *limit);
+            if !wait.is_zero() {
+                call_rate = Some(call_rate.map_or(wait, |w: Duration| w.max(wait)));
+            }
+        }
+        let (retry, body, verdict) = if let Some(wait) = call_rate {
+            let s = self.message_seconds(wait);
+            (
+                wait,
+                texts::call_rate(op, api_version, s),
+                Verdict::CallRate,
+            )
+        } else {
+            let wait = d.tokens.time_until_fits(now, estimate, d.tpm);
+            if wait.is_zero() {
+                return None;
+            }
+            let s = self.message_seconds(wait);
+            (
+                wait,
+                texts::token_rate(op, api_version, s),
+                Verdict::TokenRate,
+            )
+        };
+        let style = self.pick_style(ri, di);
+        self.delay_headers(headers, style, retry);
+        if self.resources[ri].deployments[di].headers.limits {
+            self.remaining_headers(now, ri, di, headers);
+        }
+        Some(self.error(
+            headers.clone(),
+            StatusCode::TOO_MANY_REQUESTS,
+            body,
+            verdict,
+            latency,
+        ))
+    }
+
+    fn charge(&mut self, now: Duration, ri: usize, di: usize, estimate: u64) {
+        let d = &mut self.resources[ri].deployments[di];
+        for (window, _) in &mut d.request_windows {
+            window.add(now, 1);
+        }
+        d.tokens.add(now, estimate);
+    }
+
+    fn remaining_headers(&mut self, now: Duration, ri: usize, di: usize, headers: &mut HeaderMap) {
+        let d = &mut self.resources[ri].deployments[di];
+        let tokens_used = d.tokens.total(now);
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(d.tpm.saturating_sub(tokens_used)),
+        );
+        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(d.tpm));
+        // The tightest request window is what the headers report.
+        if let Some((remaining, limit)) = d
+            .request_windows
+            .iter_mut()
+            .map(|(w, limit)| (limit.saturating_sub(w.total(now)), *limit))
+            .min()
+        {
+            headers.insert(
+                "x-ratelimit-remaining-requests",
+                HeaderValue::from(remaining),
+            );
+            headers.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
+        }
+    }
+
+    /// The peak-load delay if regional capacity refuses this request.
+    fn capacity_refuses(&mut self, now: Duration, ri: usize) -> Option<Duration> {
+        let region = self.resources[ri].region;
+        let base = self.regions[region].capacity;
+        let event = self.active_event(now, EventKind::HighDemand, ri);
+        if !base.always && event.is_none() {
+            return None;
+        }
+        let max_concurrent = event
+            .and_then(|e| e.max_concurrent)
+            .unwrap_or(base.max_concurrent);
+        let max_per_second = event
+            .and_then(|e| e.max_per_second)
+            .unwrap_or(base.max_per_second);
+        let reject_share = event
+            .and_then(|e| e.reject_share)
+            .unwrap_or(base.reject_share);
+        let r = &mut self.regions[region];
+        expire(&mut r.in_flight, now);
+        let concurrent = r.in_flight.len() as u64;
+        let recent = r.arrivals.total(now);
+        let refuse = concurrent >= u64::from(max_concurrent)
+            || recent > u64::from(max_per_second)
+            || (reject_share > 0.0 && self.rng.f64() < reject_share);
+        refuse.then(|| secs(base.retry_after_s))
+    }
+
+    fn pick_style(&mut self, ri: usize, di: usize) -> HeaderStyle {
+        let h = self.resources[ri].deployments[di].headers;
+        let weights = [
+            (HeaderStyle::Both, h.both),
+            (HeaderStyle::RetryAfterMs, h.retry_after_ms),
+            (HeaderStyle::RetryAfter, h.retry_after),
+            (HeaderStyle::Reset, h.reset),
+            (HeaderStyle::None, h.none),
+        ];
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        if total <= 0.0 {
+            return HeaderStyle::None;
+        }
+        let mut pick = self.rng.f64() * total;
+        for (style, w) in weights {
+            if pick < w {
+                return style;
+            }
+            pick -= w;
+        }
+        HeaderStyle::None
+    }
+
+    /// The delay as the client must see it: divided by the time scale.
+    fn scaled(&self, delay: Duration) -> Duration {
+        delay.div_f64(self.time_scale)
+    }
+
+    fn message_seconds(&self, delay: Duration) -> u64 {
+        self.scaled(delay).as_secs_f64().ceil().max(1.0) as u64
+    }
+
+    fn delay_headers(&self, headers: &mut HeaderMap, style: HeaderStyle, delay: Duration) {
+        let d = self.scaled(delay);
+        let ms = (d.as_secs_f64() * 1000.0).ceil().max(1.0) as u64;
+        let s = d.as_secs_f64().ceil().max(1.0) as u64;
+        if matches!(style, HeaderStyle::Both | HeaderStyle::RetryAfterMs) {
+            headers.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        if matches!(style, HeaderStyle::Both | HeaderStyle::RetryAfter) {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if style == HeaderStyle::Reset {
+            let v = header(&format!("{ms}ms"));
+            headers.insert(
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+                v.clone(),
+            );
+            headers.insert(HeaderName::from_static("x-ratelimit-reset-tokens"), v);
+        }
+    }
+
+    fn timing(&mut self, now: Duration, ri: usize, output_tokens: u64, body: &SimBody) -> Timing {
+        let region = self.resources[ri].region;
+        let lat = self.regions[region].latency;
+        let factor = self
+            .active_event(now, EventKind::Slow, ri)
+            .map_or(1.0, |e| e.factor);
+        let first = lat.first_token_ms * factor * lognormal(&mut self.rng, lat.jitter);
+        let per = lat.per_token_ms * factor * lognormal(&mut self.rng, lat.jitter);
+        let first_byte = secs(first / 1000.0);
+        let per_chunk = secs(per / 1000.0);
+        let steps = match body {
+            SimBody::Stream(chunks) => chunks.len().saturating_sub(1) as u64,
+            SimBody::Full(_) => output_tokens,
+        };
+        Timing {
+            first_byte,
+            per_chunk,
+            total: first_byte + per_chunk * u32::try_from(steps).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+fn expire(in_flight: &mut BinaryHeap<Reverse<Duration>>, now: Duration) {
+    while in_flight.peek().is_some_and(|Reverse(end)| *end <= now) {
+        in_flight.pop();
+    }
+}
+
+/// A lognormal multiplier with median 1 and the given sigma (1 when sigma is 0).
+fn lognormal(rng: &mut fastrand::Rng, sigma: f64) -> f64 {
+    if sigma <= 0.0 {
+        return 1.0;
+    }
+    let u1 = rng.f64().max(f64::MIN_POSITIVE);
+    let u2 = rng.f64();
+    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    (sigma * z).exp()
+}
