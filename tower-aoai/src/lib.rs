@@ -20,3 +20,4 @@ pub mod retry;
 pub mod route;
 
 pub use retry::RetryLayer;
+pub use route::RouteLayer;

@@ -24,7 +24,7 @@ pub struct RetryBody<B> {
 }
 
 impl<B> RetryBody<B> {
-    pub(super) fn passthrough(inner: B) -> Self {
+    pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             prefix: None,
             trailers: None,
@@ -94,7 +94,7 @@ where
 
 /// Reads the start of an error body (at most [`MAX_ERROR_BODY`] bytes, for at most the smaller of
 /// 10 s and the call's remaining time) and returns it, with a body that replays it before the rest.
-pub(super) async fn read_error_body<B>(
+pub(crate) async fn read_error_body<B>(
     mut body: B,
     remaining: Option<Duration>,
 ) -> Result<(Bytes, RetryBody<B>), BoxError>

@@ -66,6 +66,7 @@ mod layer;
 mod service;
 
 pub use body::RetryBody;
+pub(crate) use body::read_error_body;
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use service::{Deadline, Retry};

@@ -1,0 +1,478 @@
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Instant, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
+use http_body::Body;
+use tower::{BoxError, ServiceExt};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::Shared;
+use crate::policy::classify::{self, Outcome, TransportError};
+use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
+use crate::retry::{Deadline, RetryBody, read_error_body};
+
+/// Routes each call to one of several backends, fails over and hedges. See the
+/// [module docs](crate::route).
+pub struct Route<S> {
+    services: Arc<Vec<S>>,
+    shared: Arc<Shared>,
+}
+
+impl<S> Clone for Route<S> {
+    fn clone(&self) -> Self {
+        Self {
+            services: self.services.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Route<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("backends", &self.services.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Route<S> {
+    pub(super) fn from_shared(services: Vec<S>, shared: Arc<Shared>) -> Self {
+        Self {
+            services: Arc::new(services),
+            shared,
+        }
+    }
+
+    /// The inner services, one per backend.
+    pub fn get_ref(&self) -> &[S] {
+        &self.services
+    }
+
+    /// The counters of the shared router.
+    pub fn stats(&self) -> RouteStats {
+        self.shared.lock().router.stats()
+    }
+}
+
+/// Nothing could be sent: no backend is usable within the call's deadline, and no attempt was
+/// made whose response could be returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoBackendError {
+    /// How long until the first backend is usable again, if known.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl fmt::Display for NoBackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.retry_after {
+            Some(d) => write!(
+                f,
+                "no backend is usable within the call's deadline (first back in {d:?})"
+            ),
+            None => f.write_str("no backend is usable within the call's deadline"),
+        }
+    }
+}
+
+impl std::error::Error for NoBackendError {}
+
+impl<S, B, ResBody> Service<Request<B>> for Route<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + From<Bytes> + Clone + Unpin + Send + 'static,
+    B::Data: Buf,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<RetryBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<Self::Response>;
+
+    /// Always ready: readiness is awaited on the chosen backend's service inside the call.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ResponseFuture::new(run(self.services.clone(), self.shared.clone(), req))
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+type Res<ResBody> = Result<Response<RetryBody<ResBody>>, BoxError>;
+
+/// One attempt's end: its outcome, what the router says follows, and the response or error.
+struct Finished<ResBody> {
+    outcome: Outcome,
+    step: Step,
+    result: Res<ResBody>,
+}
+
+/// Counts an attempt as cancelled in the router unless it finished with an outcome.
+struct InFlight {
+    shared: Arc<Shared>,
+    id: BackendId,
+    done: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.lock().router.on_cancel(self.id);
+        }
+    }
+}
+
+async fn run<S, B, ResBody>(
+    services: Arc<Vec<S>>,
+    shared: Arc<Shared>,
+    req: Request<B>,
+) -> Res<ResBody>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + From<Bytes> + Clone + Unpin + Send + 'static,
+    B::Data: Buf,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+    let (parts, body) = req.into_parts();
+    let mut call = shared.lock().router.start(now(), deadline);
+    let mut last: Option<Finished<ResBody>> = None;
+    loop {
+        let pick = {
+            let mut core = shared.lock();
+            let core = &mut *core;
+            core.router
+                .pick(&call, now(), &*shared.headroom, &mut core.rng)
+        };
+        let primary = match pick {
+            Pick::Send(id) => id,
+            Pick::Wait(at) => {
+                tracing::debug!(
+                    wait_ms = at.saturating_duration_since(now()).as_millis() as u64,
+                    "tower_aoai: no usable backend; waiting for the first to come back"
+                );
+                tokio::time::sleep_until(at.into()).await;
+                continue;
+            }
+            Pick::GiveUp(no) => {
+                let last_blocked = last.as_ref().is_none_or(|l| l.outcome == Outcome::Blocked);
+                if let Some(record) = no.blocked
+                    && last_blocked
+                {
+                    return Err(BlockedError::new(record).into());
+                }
+                return match last {
+                    Some(l) => l.result,
+                    None => Err(NoBackendError {
+                        retry_after: no.next_usable.map(|t| t.saturating_duration_since(now())),
+                    }
+                    .into()),
+                };
+            }
+        };
+        let first = send(&services, &shared, &mut call, primary, &parts, &body)?;
+        let hedge_after = shared.lock().router.hedge_delay(&call, primary);
+        let f = match hedge_after {
+            None => first.await,
+            Some(after) => {
+                race_with_hedge(
+                    first,
+                    after,
+                    &services,
+                    &shared,
+                    &mut call,
+                    primary,
+                    &parts,
+                    body.clone(),
+                )
+                .await
+            }
+        };
+        if f.step == Step::Return {
+            return f.result;
+        }
+        tracing::debug!(
+            backend = primary.index(),
+            outcome = f.outcome.as_str(),
+            "tower_aoai: failing over"
+        );
+        last = Some(f);
+    }
+}
+
+type AttemptFuture<ResBody> = Pin<Box<dyn Future<Output = Finished<ResBody>> + Send>>;
+
+/// Rewrites the request for `id`, counts the attempt and returns its future.
+fn send<S, B, ResBody>(
+    services: &Arc<Vec<S>>,
+    shared: &Arc<Shared>,
+    call: &mut crate::policy::route::RouteCall,
+    id: BackendId,
+    parts: &http::request::Parts,
+    body: &B,
+) -> Result<AttemptFuture<ResBody>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + From<Bytes> + Clone + Unpin + Send + 'static,
+    B::Data: Buf,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let mut p = parts.clone();
+    let req = {
+        let core = shared.lock();
+        let backends = core.router.backends();
+        let bytes = if backends.rewrites_body(id, &p.uri) {
+            body_bytes(body)
+        } else {
+            None
+        };
+        let new_body = backends.rewrite(id, &mut p, bytes.as_deref())?;
+        Request::from_parts(p, new_body.map_or_else(|| body.clone(), B::from))
+    };
+    let sent_at = now();
+    {
+        let mut core = shared.lock();
+        core.router.on_send(call, id, sent_at);
+    }
+    let guard = InFlight {
+        shared: shared.clone(),
+        id,
+        done: false,
+    };
+    let svc = services[id.index()].clone();
+    let deadline = call.deadline();
+    Ok(Box::pin(attempt(svc, req, guard, sent_at, deadline)))
+}
+
+async fn attempt<S, B, ResBody>(
+    svc: S,
+    req: Request<B>,
+    mut guard: InFlight,
+    sent_at: Instant,
+    deadline: Option<Instant>,
+) -> Finished<ResBody>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Unpin,
+    ResBody::Error: Into<BoxError>,
+{
+    let id = guard.id;
+    let result = match svc.oneshot(req).await {
+        Ok(res) => Ok(res),
+        Err(e) => Err(e.into()),
+    };
+    let latency = now().saturating_duration_since(sent_at);
+    let (class, result, record) = match result {
+        Ok(res) if classify::needs_body(res.status()) => {
+            let (parts, body) = res.into_parts();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now()));
+            match read_error_body(body, remaining).await {
+                Ok((prefix, body)) => {
+                    let wall = SystemTime::now();
+                    let class = classify::classify_response(
+                        parts.status,
+                        &parts.headers,
+                        Some(&prefix),
+                        wall,
+                    );
+                    let record = (class.outcome == Outcome::Blocked).then(|| {
+                        let core = guard.shared.lock();
+                        let backends = core.router.backends();
+                        let b = backends.get(id);
+                        SupportRecord::new(
+                            b.name(),
+                            backends.resource_host(backends.resource(id)),
+                            b.deployment(),
+                            b.region(),
+                            parts.status,
+                            &parts.headers,
+                            &prefix,
+                            wall,
+                        )
+                    });
+                    (class, Ok(Response::from_parts(parts, body)), record)
+                }
+                Err(e) => (
+                    classify::classify_error(TransportError::Connect),
+                    Err(e),
+                    None,
+                ),
+            }
+        }
+        Ok(res) => {
+            let class =
+                classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
+            (class, Ok(res.map(RetryBody::passthrough)), None)
+        }
+        Err(e) => {
+            let kind = if is_timeout(&*e) {
+                TransportError::Timeout
+            } else {
+                TransportError::Connect
+            };
+            (classify::classify_error(kind), Err(e), None)
+        }
+    };
+    let step = {
+        let mut core = guard.shared.lock();
+        let core = &mut *core;
+        guard.done = true;
+        match record {
+            Some(record) => {
+                tracing::warn!(
+                    backend = core.router.backends().get(id).name(),
+                    "tower_aoai: resource blocked (403); no traffic goes there for a while:\n{record}"
+                );
+                core.router.on_blocked(id, record, now())
+            }
+            None => core
+                .router
+                .on_response(id, &class, latency, now(), &mut core.rng),
+        }
+    };
+    Finished {
+        outcome: class.outcome,
+        step,
+        result,
+    }
+}
+
+/// Runs the attempt to `primary`; after `after` without an answer, sends a hedge to another
+/// usable backend (if the budget allows) and returns the first answer that ends the call, dropping
+/// the other attempt. When both fail, the later failure comes back for failover.
+#[allow(clippy::too_many_arguments)]
+async fn race_with_hedge<S, B, ResBody>(
+    mut first: AttemptFuture<ResBody>,
+    after: std::time::Duration,
+    services: &Arc<Vec<S>>,
+    shared: &Arc<Shared>,
+    call: &mut crate::policy::route::RouteCall,
+    primary: BackendId,
+    parts: &http::request::Parts,
+    body: B,
+) -> Finished<ResBody>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + From<Bytes> + Clone + Unpin + Send + 'static,
+    B::Data: Buf,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let mut timer = std::pin::pin!(tokio::time::sleep(after));
+    let early = poll_fn(|cx| {
+        if let Poll::Ready(f) = first.as_mut().poll(cx) {
+            return Poll::Ready(Some(f));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await;
+    if let Some(f) = early {
+        return f;
+    }
+    let hedge_to = {
+        let mut core = shared.lock();
+        let core = &mut *core;
+        core.router
+            .pick_hedge(call, primary, now(), &*shared.headroom, &mut core.rng)
+    };
+    let Some(hedge_to) = hedge_to else {
+        return first.await;
+    };
+    tracing::debug!(
+        primary = primary.index(),
+        hedge = hedge_to.index(),
+        after_ms = after.as_millis() as u64,
+        "tower_aoai: hedging a slow attempt"
+    );
+    let second = match send(services, shared, call, hedge_to, parts, &body) {
+        Ok(f) => f,
+        Err(_) => return first.await,
+    };
+    let mut attempts = [Some(first), Some(second)];
+    loop {
+        let done = poll_fn(|cx| {
+            for slot in attempts.iter_mut() {
+                if let Some(fut) = slot
+                    && let Poll::Ready(f) = fut.as_mut().poll(cx)
+                {
+                    *slot = None;
+                    return Poll::Ready(f);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        // The first answer that ends the call wins, and the other attempt is dropped with
+        // `attempts` (its connection closed, its permit released, the router told it was
+        // cancelled). A failure waits for the other attempt; when both failed, the later one
+        // goes back for failover.
+        if done.step == Step::Return || attempts.iter().all(Option::is_none) {
+            return done;
+        }
+    }
+}
+
+/// The bytes of a body that is already in memory (`Full<Bytes>` and the like), read without
+/// waiting; `None` for a body that would have to wait (a stream), which is then sent unchanged.
+fn body_bytes<B>(body: &B) -> Option<Bytes>
+where
+    B: Body + Clone + Unpin,
+    B::Data: Buf,
+{
+    let mut body = body.clone();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out = BytesMut::new();
+    loop {
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => return Some(out.freeze()),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(mut data) = frame.into_data() {
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        out.extend_from_slice(chunk);
+                        let n = chunk.len();
+                        data.advance(n);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
+        }
+    }
+}
+
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
