@@ -19,5 +19,6 @@ pub mod policy;
 pub mod retry;
 pub mod route;
 
+pub use limit::AdaptiveConcurrencyLayer;
 pub use retry::RetryLayer;
 pub use route::RouteLayer;

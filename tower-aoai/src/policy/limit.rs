@@ -263,6 +263,13 @@ impl Permit {
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
+
+    /// Records when the attempt actually left, when that is later than the permit's issue (after
+    /// a pacing wait): the round trip is measured from then.
+    pub fn sent(mut self, at: Instant) -> Self {
+        self.sent_at = self.sent_at.max(at);
+        self
+    }
 }
 
 /// What an outcome did to the limit.

@@ -1,0 +1,86 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::service::PermitGuard;
+use crate::policy::Outcome;
+use crate::policy::classify::TransientKind;
+
+pin_project! {
+    /// The response body of [`AdaptiveConcurrency`](super::AdaptiveConcurrency): the inner body,
+    /// untouched, holding the attempt's permit until the body ends (a success counts then) or is
+    /// dropped (the attempt is counted as cancelled). A streaming response keeps its slot for as
+    /// long as the stream runs, which is what the service is working on.
+    #[derive(Debug)]
+    pub struct LimitBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<PermitGuard>,
+    }
+}
+
+impl<B: Body> LimitBody<B> {
+    pub(super) fn new(inner: B, guard: Option<PermitGuard>) -> Self {
+        let mut body = Self { inner, guard };
+        if body.inner.is_end_stream() {
+            body.finish(Outcome::Success);
+        }
+        body
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(guard) = self.guard.take() {
+            guard.finish(outcome);
+        }
+    }
+}
+
+impl<B> LimitBody<B> {
+    /// Whether the body still holds its permit.
+    pub fn holds_permit(&self) -> bool {
+        self.guard.is_some()
+    }
+
+    /// The inner body; the permit is given back (as cancelled, if the body had not ended).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: Body> Body for LimitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let polled = inner.as_mut().poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => Some(Outcome::Success),
+            Poll::Ready(Some(Err(_))) => Some(Outcome::Transient(TransientKind::Connect)),
+            // A body that knows it has ended releases with its last frame, not one poll later.
+            Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(Outcome::Success),
+            Poll::Ready(Some(Ok(_))) => None,
+            Poll::Pending => None,
+        };
+        if let Some(outcome) = ended
+            && let Some(guard) = this.guard.take()
+        {
+            guard.finish(outcome);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,522 @@
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Buf;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::body::LimitBody;
+use super::future::ResponseFuture;
+use super::layer::{AdaptiveConcurrencyLayer, Settings};
+use crate::policy::classify::{self, TransientKind};
+use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
+use crate::retry::Deadline;
+
+/// Bodies larger than this are not read to estimate their tokens (the estimate then assumes the
+/// default completion budget and no prompt).
+const MAX_ESTIMATED_BODY: u64 = 8 * 1024 * 1024;
+
+/// The estimated tokens of a request, as a request extension. When present, the limiter uses it
+/// instead of reading the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEstimate(pub u64);
+
+/// Why the limiter refused to send a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OverloadReason {
+    /// The wait queue was full.
+    QueueFull,
+    /// The call waited (for a permit, or for pacing) as long as the queue timeout allows.
+    QueueTimeout,
+    /// Waiting longer would pass the call's [`Deadline`].
+    Deadline,
+}
+
+impl OverloadReason {
+    /// A short stable name, for logs and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverloadReason::QueueFull => "queue_full",
+            OverloadReason::QueueTimeout => "queue_timeout",
+            OverloadReason::Deadline => "deadline",
+        }
+    }
+}
+
+/// The limiter refused to send a call: the backend is at its limit and the call could not wait.
+/// Nothing was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded {
+    /// Why the call could not wait.
+    pub reason: OverloadReason,
+}
+
+impl fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            OverloadReason::QueueFull => {
+                f.write_str("the backend is at its limit and its wait queue is full")
+            }
+            OverloadReason::QueueTimeout => {
+                f.write_str("the backend stayed at its limit for the whole queue timeout")
+            }
+            OverloadReason::Deadline => {
+                f.write_str("the backend is at its limit past the call's deadline")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Overloaded {}
+
+/// What a limiter is doing now, for stats, routing and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct LimiterSnapshot {
+    /// Attempts that may be in flight.
+    pub limit: u32,
+    /// Attempts in flight (a streaming response counts until its body ends).
+    pub in_flight: u32,
+    /// Calls waiting for a permit.
+    pub queued: usize,
+    /// Throttling episodes answered so far (cuts).
+    pub cuts: u64,
+    /// The requests-per-minute quota paced against, if known.
+    pub requests_per_minute: Option<f64>,
+    /// The tokens-per-minute quota paced against, if known.
+    pub tokens_per_minute: Option<f64>,
+    /// How long every send is still held by a server hint.
+    pub held_for: Option<Duration>,
+}
+
+/// A handle on one backend's limiter, shared by the service and its clones.
+#[derive(Clone)]
+pub struct LimiterHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LimiterHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LimiterHandle")
+            .field(&self.snapshot())
+            .finish()
+    }
+}
+
+impl LimiterHandle {
+    /// What the limiter is doing now.
+    pub fn snapshot(&self) -> LimiterSnapshot {
+        let now = now();
+        let state = self.shared.lock();
+        LimiterSnapshot {
+            limit: state.limit.limit_at(now),
+            in_flight: state.limit.in_flight(),
+            queued: state.queue.len(),
+            cuts: state.limit.epoch(),
+            requests_per_minute: state.pacer.requests_per_minute(),
+            tokens_per_minute: state.pacer.tokens_per_minute(),
+            held_for: state.pacer.held_until(now).map(|h| h - now),
+        }
+    }
+
+    /// Whether a call sent now would start at once (a permit free, nobody queued, no pacing wait
+    /// for an attempt of `tokens`): the router's "has room" input.
+    pub fn has_room(&self, tokens: u64) -> bool {
+        let now = now();
+        let state = self.shared.lock();
+        state.queue.is_empty()
+            && state.limit.available(now) > 0
+            && state.pacer.wait(now, tokens).is_zero()
+    }
+}
+
+pub(super) struct State {
+    limit: AdaptiveLimit,
+    pacer: Pacer,
+    /// Tickets of the calls waiting for a permit, first come first served.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
+}
+
+pub(super) struct Shared {
+    state: Mutex<State>,
+    /// Woken whenever a permit may have become available.
+    released: Notify,
+    settings: Settings,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Limits and paces the attempts sent to one backend. See the [module docs](crate::limit).
+#[derive(Clone)]
+pub struct AdaptiveConcurrency<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for AdaptiveConcurrency<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdaptiveConcurrency")
+            .field("inner", &self.inner)
+            .field("limiter", &self.handle().snapshot())
+            .finish()
+    }
+}
+
+impl<S> AdaptiveConcurrency<S> {
+    /// Wraps `inner` with the default limiter ([`AdaptiveConcurrencyLayer::default`]).
+    pub fn new(inner: S) -> Self {
+        tower_layer::Layer::layer(&AdaptiveConcurrencyLayer::default(), inner)
+    }
+
+    pub(super) fn from_settings(inner: S, settings: Settings) -> Self {
+        let state = State {
+            limit: settings.limit.clone(),
+            pacer: settings.pacer.clone(),
+            queue: VecDeque::new(),
+            next_ticket: 0,
+        };
+        Self {
+            inner,
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                released: Notify::new(),
+                settings,
+            }),
+        }
+    }
+
+    /// A handle on this backend's limiter (shared with every clone of this service).
+    pub fn handle(&self) -> LimiterHandle {
+        LimiterHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for AdaptiveConcurrency<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Clone + Send + 'static,
+    B::Data: Buf + Send,
+    ResBody: Body + Send + 'static,
+{
+    type Response = Response<LimitBody<ResBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<Self::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The ready service serves the call; a clone takes its place (tower's idiom).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(run(ready, self.shared.clone(), req))
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn run<S, B, ResBody>(
+    mut svc: S,
+    shared: Arc<Shared>,
+    req: Request<B>,
+) -> Result<Response<LimitBody<ResBody>>, BoxError>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Body + Clone,
+    B::Data: Buf,
+    ResBody: Body,
+{
+    let tokens = estimate(&shared, &req);
+    let start = now();
+    let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
+    let mut guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
+    pace(&shared, tokens, limit_at, reason_at_limit).await?;
+    // The attempt starts now: its round trip is measured from here, not from the queue.
+    guard.restamp(now());
+    let result = svc.call(req).await.map_err(Into::into);
+    let res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            let kind = if is_timeout(&*e) {
+                TransientKind::Timeout
+            } else {
+                TransientKind::Connect
+            };
+            guard.finish(Outcome::Transient(kind));
+            return Err(e);
+        }
+    };
+    let at = now();
+    let class = classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
+    {
+        let mut state = shared.lock();
+        state.pacer.on_response(at, res.headers());
+        if class.outcome.is_throttle()
+            && let Some(hint) = class.hint
+        {
+            state.pacer.hold(at, hint.delay);
+            let until = at + hint.delay.min(state.pacer.config().max_hold());
+            state.limit.on_server_hold(until);
+        }
+    }
+    if class.outcome == Outcome::Success {
+        // The service works on a success until its body ends: the body holds the permit.
+        Ok(res.map(|body| LimitBody::new(body, Some(guard))))
+    } else {
+        // A failure is over when its headers arrive: count it now (a throttle cuts at once).
+        guard.finish(class.outcome);
+        Ok(res.map(|body| LimitBody::new(body, None)))
+    }
+}
+
+/// When waiting must stop, and what it is called when it does.
+fn wait_limit<B>(shared: &Shared, now: Instant, req: &Request<B>) -> (Instant, OverloadReason) {
+    let timeout = now + shared.settings.queue_timeout;
+    match req.extensions().get::<Deadline>() {
+        Some(Deadline(deadline)) if *deadline < timeout => (*deadline, OverloadReason::Deadline),
+        _ => (timeout, OverloadReason::QueueTimeout),
+    }
+}
+
+/// The estimated tokens of the request: its [`TokenEstimate`] extension, else the body (when it
+/// is a clonable body of known, bounded size), else the estimator's default.
+fn estimate<B>(shared: &Shared, req: &Request<B>) -> u64
+where
+    B: Body + Clone,
+    B::Data: Buf,
+{
+    if let Some(TokenEstimate(tokens)) = req.extensions().get::<TokenEstimate>() {
+        return *tokens;
+    }
+    let estimator = &shared.settings.estimator;
+    let body = req.body();
+    if body
+        .size_hint()
+        .exact()
+        .is_none_or(|n| n > MAX_ESTIMATED_BODY)
+    {
+        return estimator.estimate(b"");
+    }
+    // A body of exact known size has all of it at hand (Full, String, Bytes): one poll of a clone
+    // reads it. Anything that is not ready at once is estimated as if empty, never waited for.
+    let mut collect = pin!(body.clone().collect());
+    let mut cx = Context::from_waker(Waker::noop());
+    match collect.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(collected)) => estimator.estimate(&collected.to_bytes()),
+        _ => estimator.estimate(b""),
+    }
+}
+
+/// Waits for a permit, first come first served, until `limit_at`.
+async fn acquire(
+    shared: &Arc<Shared>,
+    tokens: u64,
+    limit_at: Instant,
+    reason_at_limit: OverloadReason,
+) -> Result<PermitGuard, Overloaded> {
+    let ticket = {
+        let mut state = shared.lock();
+        if state.queue.is_empty()
+            && let Some(permit) = state.limit.try_acquire(now(), tokens)
+        {
+            return Ok(PermitGuard::new(shared.clone(), permit));
+        }
+        if state.queue.len() >= shared.settings.queue_capacity {
+            return Err(Overloaded {
+                reason: OverloadReason::QueueFull,
+            });
+        }
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push_back(ticket);
+        ticket
+    };
+    let mut place = QueuePlace {
+        shared: shared.clone(),
+        ticket,
+        left: false,
+    };
+    let mut expired = pin!(tokio::time::sleep_until(limit_at.into()));
+    loop {
+        let mut released = pin!(shared.released.notified());
+        released.as_mut().enable();
+        {
+            let mut state = shared.lock();
+            if state.queue.front() == Some(&ticket)
+                && let Some(permit) = state.limit.try_acquire(now(), tokens)
+            {
+                state.queue.pop_front();
+                place.left = true;
+                let more = !state.queue.is_empty() && state.limit.available(now()) > 0;
+                drop(state);
+                if more {
+                    // There is room for the next in line too.
+                    shared.released.notify_waiters();
+                }
+                return Ok(PermitGuard::new(shared.clone(), permit));
+            }
+        }
+        let woke = poll_fn(|cx| {
+            if released.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            expired.as_mut().poll(cx).map(|()| false)
+        })
+        .await;
+        if !woke {
+            return Err(Overloaded {
+                reason: reason_at_limit,
+            });
+        }
+    }
+}
+
+/// Waits until the pacer lets the attempt go, until `limit_at`.
+async fn pace(
+    shared: &Shared,
+    tokens: u64,
+    limit_at: Instant,
+    reason_at_limit: OverloadReason,
+) -> Result<(), Overloaded> {
+    loop {
+        let at = now();
+        let wait = match shared.lock().pacer.check(at, tokens) {
+            Ok(()) => return Ok(()),
+            Err(wait) => wait,
+        };
+        if at + wait > limit_at {
+            return Err(Overloaded {
+                reason: reason_at_limit,
+            });
+        }
+        tokio::time::sleep_until((at + wait).into()).await;
+    }
+}
+
+/// A call's place in the wait queue; leaving it (dropped future, timeout) lets the next one in.
+struct QueuePlace {
+    shared: Arc<Shared>,
+    ticket: u64,
+    left: bool,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut state = self.shared.lock();
+        let was_front = state.queue.front() == Some(&self.ticket);
+        state.queue.retain(|&t| t != self.ticket);
+        drop(state);
+        if was_front {
+            self.shared.released.notify_waiters();
+        }
+    }
+}
+
+/// A permit held by a call: given back with an outcome, or as cancelled when dropped without one.
+pub(crate) struct PermitGuard {
+    shared: Arc<Shared>,
+    permit: Option<Permit>,
+}
+
+impl fmt::Debug for PermitGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PermitGuard")
+            .field("permit", &self.permit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PermitGuard {
+    fn new(shared: Arc<Shared>, permit: Permit) -> Self {
+        Self {
+            shared,
+            permit: Some(permit),
+        }
+    }
+
+    /// Moves the permit's send time to `now` (the pacing wait is not part of the round trip).
+    fn restamp(&mut self, now: Instant) {
+        if let Some(permit) = self.permit.take() {
+            self.permit = Some(permit.sent(now));
+        }
+    }
+
+    /// Gives the permit back with the attempt's outcome.
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        if let Some(permit) = self.permit.take() {
+            let adjustment = self.shared.lock().limit.on_outcome(permit, outcome, now());
+            tracing::trace!(
+                ?adjustment,
+                outcome = outcome.as_str(),
+                "tower_aoai: limiter"
+            );
+            self.shared.released.notify_waiters();
+        }
+    }
+}
+
+impl Drop for PermitGuard {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.shared.lock().limit.on_cancel(permit, now());
+            self.shared.released.notify_waiters();
+        }
+    }
+}
+
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
