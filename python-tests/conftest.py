@@ -128,8 +128,7 @@ class ScriptedServer:
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
-        host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
 
     def play(self, *replies: Reply) -> None:
         with self._lock:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 import threading
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 import pytest
 from conftest import (
     AsyncFakeSleep,
@@ -25,7 +27,7 @@ import tower_aoai
 pytestmark = pytest.mark.anyio
 
 API_KEY = "sk-test-secret-do-not-log"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def azure(server: ScriptedServer, transport: tower_aoai.AsyncTransport) -> openai.AsyncAzureOpenAI:
@@ -38,25 +40,26 @@ def azure(server: ScriptedServer, transport: tower_aoai.AsyncTransport) -> opena
 
 
 async def chat(client: openai.AsyncAzureOpenAI | openai.AsyncOpenAI) -> str | None:
-    completion = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    completion = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     return completion.choices[0].message.content
 
 
 @pytest.mark.parametrize(
     ("reply", "low", "high"),
     [
-        (throttle(retry_after_ms="250"), 0.25, 0.275),
-        (throttle(retry_after="2"), 2.0, 2.2),
-        (throttle(retry_after=http_date(30)), 28.0, 33.0),
-        (throttle(x_ratelimit_reset_tokens="1m"), 0.0, 0.0),  # 60 s + jitter > max_wait: give up
-        (throttle(x_ratelimit_reset_requests="20ms"), 0.02, 0.022),
+        (lambda: throttle(retry_after_ms="250"), 0.25, 0.275),
+        (lambda: throttle(retry_after="2"), 2.0, 2.2),
+        # HTTP dates have one-second resolution.
+        (lambda: throttle(retry_after=http_date(30)), 28.0, 33.0),
+        (lambda: throttle(x_ratelimit_reset_tokens="1m"), 0.0, 0.0),  # longer than max_wait: give up
+        (lambda: throttle(x_ratelimit_reset_requests="20ms"), 0.02, 0.022),
     ],
     ids=["retry-after-ms", "retry-after", "http-date", "reset-too-long", "reset-requests"],
 )
 async def test_waits_the_servers_hint(
-    server: ScriptedServer, async_sleep: AsyncFakeSleep, reply: Reply, low: float, high: float
+    server: ScriptedServer, async_sleep: AsyncFakeSleep, reply: Callable[[], Reply], low: float, high: float
 ) -> None:
-    server.play(reply, chat_completion("after the wait"))
+    server.play(reply(), chat_completion("after the wait"))
     async with azure(server, tower_aoai.AsyncTransport(sleep=async_sleep, max_wait=59.0)) as client:
         if high == 0.0:
             with pytest.raises(openai.RateLimitError):
@@ -108,8 +111,8 @@ async def test_streams_chunk_by_chunk(server: ScriptedServer, async_sleep: Async
         http_client=httpx2.AsyncClient(transport=tower_aoai.AsyncTransport(sleep=async_sleep)),
     )
     async with client:
-        stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
-        words = []
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        words: list[str | None] = []
         async for chunk in stream:
             if not words:
                 assert not server.stream_finished.is_set()

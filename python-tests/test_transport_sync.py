@@ -7,6 +7,7 @@ import socket
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 import pytest
 from conftest import (
     FakeSleep,
@@ -23,7 +24,7 @@ from conftest import (
 import tower_aoai
 
 API_KEY = "sk-test-secret-do-not-log"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def azure(server: ScriptedServer, transport: tower_aoai.Transport) -> openai.AzureOpenAI:
@@ -36,7 +37,7 @@ def azure(server: ScriptedServer, transport: tower_aoai.Transport) -> openai.Azu
 
 
 def chat(client: openai.AzureOpenAI | openai.OpenAI) -> str | None:
-    completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     return completion.choices[0].message.content
 
 
@@ -152,8 +153,8 @@ def test_streams_chunk_by_chunk_after_a_throttle(server: ScriptedServer, sleep: 
     gate = threading.Event()
     server.play(throttle(retry_after_ms="20"), sse_stream(["Hel", "lo", "!"], gate=gate))
     with azure(server, tower_aoai.Transport(sleep=sleep)) as client:
-        stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
-        words = []
+        stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        words: list[str | None] = []
         for chunk in stream:
             if not words:
                 # The first chunk reached us while the server still holds the rest back.
@@ -279,3 +280,19 @@ def test_legacy_httpx_transport(server: ScriptedServer, sleep: FakeSleep) -> Non
     assert len(server.hits) == 2
     assert 0.03 <= sleep.waits[0] <= 0.033
     assert isinstance(tower_aoai.HttpxTransport(), httpx.BaseTransport)
+
+
+def test_a_gzip_error_body_is_inflated_to_classify_it(
+    server: ScriptedServer, sleep: FakeSleep, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gzip
+
+    message = b'{"error":{"code":"429","message":"The system is currently experiencing high demand."}}'
+    server.play(
+        Reply(429, {"content-encoding": "gzip", "retry-after-ms": "5"}, gzip.compress(message)),
+        chat_completion(),
+    )
+    with caplog.at_level(logging.DEBUG, logger="tower_aoai"):
+        with httpx2.Client(transport=tower_aoai.Transport(sleep=sleep)) as client:
+            assert client.post(server.url + "/g", content=b"{}").status_code == 200
+    assert any("throttled_capacity" in r.getMessage() for r in caplog.records)

@@ -444,3 +444,107 @@ fn log_skipped_header(py: Python<'_>, name: &[u8]) {
     // Logging must never fail a call.
     drop(logged);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Settings {
+        Settings {
+            max_attempts: 5,
+            deadline: Some(Duration::from_secs(120)),
+            max_wait: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(8),
+            hint_jitter: DEFAULT_HINT_JITTER,
+            budget_ttl: Duration::from_secs_f64(DEFAULT_BUDGET_TTL),
+            budget_min_per_sec: u32::try_from(DEFAULT_BUDGET_MIN_PER_SEC).unwrap(),
+            budget_ratio: DEFAULT_BUDGET_RATIO,
+            seed: Some(1),
+        }
+    }
+
+    /// Every field the core can reject maps to an argument `Engine` really takes.
+    #[test]
+    fn every_rejected_field_names_a_python_argument() {
+        let arguments = [
+            "max_attempts",
+            "deadline",
+            "max_wait",
+            "backoff_base",
+            "backoff_cap",
+            "hint_jitter",
+            "budget_ttl",
+            "budget_min_per_sec",
+            "budget_ratio",
+        ];
+        let broken: [fn(&mut Settings); 8] = [
+            |s| s.max_attempts = 0,
+            |s| s.deadline = Some(Duration::ZERO),
+            |s| s.max_wait = Duration::ZERO,
+            |s| s.backoff_base = Duration::ZERO,
+            |s| s.backoff_cap = Duration::from_millis(1),
+            |s| s.hint_jitter = 2.0,
+            |s| s.budget_ttl = Duration::ZERO,
+            |s| s.budget_ratio = -1.0,
+        ];
+        let mut seen = Vec::new();
+        for breaks in broken {
+            let mut settings = defaults();
+            breaks(&mut settings);
+            let err = settings
+                .policy()
+                .and_then(|_| settings.budget())
+                .expect_err("broken settings must be rejected");
+            let name = argument_name(err.field());
+            assert!(arguments.contains(&name), "{} -> {name}", err.field());
+            seen.push(name);
+        }
+        assert_eq!(
+            seen,
+            [
+                "max_attempts",
+                "deadline",
+                "max_wait",
+                "backoff_base",
+                "backoff_cap",
+                "hint_jitter",
+                "budget_ttl",
+                "budget_ratio"
+            ]
+        );
+    }
+
+    /// The glue's defaults build the core's own defaults.
+    #[test]
+    fn defaults_are_the_cores() {
+        let settings = defaults();
+        let policy = settings.policy().unwrap();
+        let core = RetryPolicy::default();
+        assert_eq!(policy.max_attempts(), core.max_attempts());
+        assert_eq!(policy.deadline(), core.deadline());
+        assert_eq!(policy.max_wait(), core.max_wait());
+        assert_eq!(policy.backoff(), core.backoff());
+        let t0 = Instant::now();
+        let (mut ours, mut theirs) = (settings.budget().unwrap(), RetryBudget::default());
+        assert_eq!(ours.ttl(), theirs.ttl());
+        for _ in 0..200 {
+            ours.deposit(t0);
+            theirs.deposit(t0);
+        }
+        while theirs.try_withdraw(t0) {
+            assert!(ours.try_withdraw(t0));
+        }
+        assert!(!ours.try_withdraw(t0));
+    }
+
+    #[test]
+    fn repr_shows_every_setting() {
+        let shown = settings_repr(&defaults());
+        assert_eq!(
+            shown,
+            "max_attempts=5, deadline=120.0, max_wait=60.0, backoff_base=0.5, backoff_cap=8.0, \
+             hint_jitter=0.1, budget_ttl=10.0, budget_min_per_sec=10, budget_ratio=0.2, seed=1"
+        );
+    }
+}

@@ -127,3 +127,27 @@ pub fn _run_retry_layer<'py>(
         should_retry,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn waits_run_from_each_response_to_the_next_attempt() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let timeline = Timeline {
+            attempts: vec![
+                (t0, Some(t0 + ms(5))),
+                (t0 + ms(35), Some(t0 + ms(40))),
+                (t0 + ms(140), None),
+            ],
+        };
+        let waits = timeline.waits();
+        assert_eq!(waits.len(), 2);
+        assert!((waits[0] - 0.030).abs() < 1e-9);
+        assert!((waits[1] - 0.100).abs() < 1e-9);
+    }
+}
