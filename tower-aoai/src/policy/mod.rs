@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod budget;
 pub mod classify;
 pub mod diagnose;
+pub mod engine;
 pub mod hints;
 pub mod limit;
 pub mod pacing;

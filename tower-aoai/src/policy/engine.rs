@@ -1,0 +1,803 @@
+//! A whole call as one sans-IO state machine: retry, route, limit and pace, observe.
+//!
+//! The tower layers compose the core's pieces one middleware at a time. Drivers that run a call
+//! themselves — the Python transports, the simulator's virtual-time clients — use [`Engine`], which
+//! composes the *same* pieces in the same order (retry → route → limit and pace per backend) so
+//! that every decision is still made here, once:
+//!
+//! - [`RetryPolicy`] + [`RetryBudget`]: how many attempts, the deadline, the budget, the backoff;
+//! - [`Router`]: which backend, cooldowns from the server's hints, 403 resource blocks, breakers,
+//!   when to wait for a backend to come back;
+//! - [`AdaptiveLimit`] + [`Pacer`] per backend: how many attempts in flight, and when a send may go;
+//! - [`Stats`]: what happened, for `stats()` and [`diagnose`](super::diagnose::diagnose).
+//!
+//! The driver loop:
+//!
+//! ```text
+//! call = engine.start(now, body, deadline)
+//! loop {
+//!     match engine.next(&mut call, now) {
+//!         Next::Send(ticket) => send to ticket.backend() (rewritten unless passthrough),
+//!             then engine.on_response(..) / engine.on_error(..) / engine.on_cancel(..):
+//!                 After::Return => return the response,
+//!                 After::GiveUp(_) => return it marked `x-should-retry: false` (or raise the error),
+//!                 After::Retry => continue,
+//!         Next::Wait(d) => sleep d, continue,
+//!         Next::Queue(d) => wait until an attempt ends or d passes, continue,
+//!         Next::Fail(f) => raise the typed error,
+//!     }
+//! }
+//! ```
+//!
+//! A failover to another backend never sleeps; a wait happens only when no backend is usable, or
+//! when the only usable one just failed without a hint (backoff).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+
+use super::classify::{self, Classification, Outcome, TransportError};
+use super::diagnose::{self, Diagnosis};
+use super::limit::{AdaptiveLimit, LimitConfig, Permit};
+use super::pacing::{Pacer, PacingConfig};
+use super::retry::{Action, CallState, GiveUpReason, RetryPolicy};
+use super::route::{
+    Availability, Backend, BackendId, Backends, BreakerState, Pick, RouteCall, RoutePolicy, Router,
+    SupportRecord,
+};
+use super::stats::{Attempt, Gauges, Stats};
+use super::{ConfigError, RetryBudget, TokenEstimator};
+
+/// The longest single wait for a permit before the call looks again (an attempt ending wakes the
+/// waiters earlier in every driver; this only bounds a missed wake-up).
+const QUEUE_RECHECK: Duration = Duration::from_secs(1);
+
+/// The name of the implicit backend of a passthrough engine.
+pub const PASSTHROUGH_BACKEND: &str = "default";
+
+/// Everything an [`Engine`] is built from.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Attempts, deadline, longest wait, backoff.
+    pub retry: RetryPolicy,
+    /// The retry budget shared by every call.
+    pub budget: RetryBudget,
+    /// Cooldowns, blocks, breakers, hedging.
+    pub route: RoutePolicy,
+    /// The adaptive limit of each backend.
+    pub limit: LimitConfig,
+    /// The pacing of each backend (known RPM/TPM, or learned from headers).
+    pub pacing: PacingConfig,
+    /// Per-backend pacing overrides, by backend name.
+    pub pacing_by_backend: Vec<(String, PacingConfig)>,
+    /// The token estimate of a request body.
+    pub tokens: TokenEstimator,
+    /// The longest a call waits for a permit before it fails as overloaded.
+    pub queue_timeout: Duration,
+    /// Seeds the jitter and the backend choice (reproducible runs).
+    pub seed: Option<u64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            budget: RetryBudget::default(),
+            route: RoutePolicy::default(),
+            limit: LimitConfig::default(),
+            pacing: PacingConfig::default(),
+            pacing_by_backend: Vec::new(),
+            tokens: TokenEstimator::default(),
+            queue_timeout: Duration::from_secs(30),
+            seed: None,
+        }
+    }
+}
+
+/// An attempt in flight: which backend, and the permit it holds. Hand it back exactly once, to
+/// [`Engine::on_response`], [`Engine::on_error`] or [`Engine::on_cancel`].
+#[derive(Debug)]
+#[must_use = "a ticket holds a permit; hand it back to the engine"]
+pub struct Ticket {
+    backend: BackendId,
+    permit: Permit,
+    sent_at: Instant,
+    retry: bool,
+}
+
+impl Ticket {
+    /// The backend the attempt goes to.
+    pub fn backend(&self) -> BackendId {
+        self.backend
+    }
+
+    /// When the attempt was sent.
+    pub fn sent_at(&self) -> Instant {
+        self.sent_at
+    }
+}
+
+/// What the driver does next for a call.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Next {
+    /// Send an attempt to the ticket's backend.
+    Send(Ticket),
+    /// Sleep this long, then ask again (a cooldown, pacing or backoff; never past the deadline).
+    Wait(Duration),
+    /// Every usable backend is at its concurrency limit: wait until an attempt ends (or this long
+    /// at most), then ask again.
+    Queue(Duration),
+    /// The call cannot be served.
+    Fail(Failure),
+}
+
+/// Why a call cannot be served.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Every resource that could serve is blocked (403); the latest block's record.
+    Blocked(Arc<SupportRecord>),
+    /// The call waited `queue_timeout` for a permit.
+    Overloaded,
+    /// No backend is usable within the deadline.
+    NoBackend,
+    /// The call's deadline passed before an attempt could be sent.
+    DeadlineExceeded,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Blocked(record) => write!(
+                f,
+                "every resource that could serve is temporarily blocked (403); latest: {} ({})",
+                record.resource,
+                record
+                    .apim_request_id
+                    .as_deref()
+                    .unwrap_or("no apim-request-id")
+            ),
+            Failure::Overloaded => f.write_str("no concurrency permit within the queue timeout"),
+            Failure::NoBackend => f.write_str("no backend is usable within the call's deadline"),
+            Failure::DeadlineExceeded => {
+                f.write_str("the call's deadline passed before an attempt")
+            }
+        }
+    }
+}
+
+/// What follows an attempt's response or error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum After {
+    /// Return the response as it is (success, or a failure retrying cannot help).
+    Return,
+    /// Make another attempt: ask [`Engine::next`].
+    Retry,
+    /// Return this response marked `x-should-retry: false` (or raise this error): no more
+    /// attempts.
+    GiveUp(GiveUpReason),
+}
+
+/// One call's progress.
+#[derive(Debug, Clone)]
+pub struct EngineCall {
+    retry: CallState,
+    route: RouteCall,
+    tokens: u64,
+    not_before: Option<Instant>,
+    queued_since: Option<Instant>,
+    sent: u32,
+}
+
+impl EngineCall {
+    /// Attempts sent so far.
+    pub fn attempts(&self) -> u32 {
+        self.sent
+    }
+
+    /// The estimated tokens of the call's request.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The call's deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.retry.deadline()
+    }
+}
+
+/// The full stack's decisions for drivers that run calls themselves. See the [module docs](self).
+#[derive(Debug)]
+pub struct Engine {
+    retry: RetryPolicy,
+    budget: RetryBudget,
+    router: Router,
+    limits: Vec<AdaptiveLimit>,
+    pacers: Vec<Pacer>,
+    tokens: TokenEstimator,
+    queue_timeout: Duration,
+    stats: Stats,
+    rng: fastrand::Rng,
+    passthrough: bool,
+}
+
+impl Engine {
+    /// An engine over `backends`; `None` makes a passthrough engine whose one implicit backend is
+    /// wherever the request already goes (no rewriting).
+    pub fn new(backends: Option<Backends>, config: EngineConfig) -> Result<Self, ConfigError> {
+        let passthrough = backends.is_none();
+        let backends = match backends {
+            Some(b) => b,
+            None => Backends::new(vec![Backend::new(
+                PASSTHROUGH_BACKEND,
+                "http://passthrough.invalid",
+            )])?,
+        };
+        if config.queue_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "queue_timeout",
+                "must be greater than zero",
+            ));
+        }
+        for (name, _) in &config.pacing_by_backend {
+            if backends.find(name).is_none() {
+                return Err(ConfigError::new(
+                    "pacing_by_backend",
+                    format!("names no configured backend: {name:?}"),
+                ));
+            }
+        }
+        let mut limits = Vec::with_capacity(backends.len());
+        let mut pacers = Vec::with_capacity(backends.len());
+        for id in backends.ids() {
+            limits.push(AdaptiveLimit::new(config.limit)?);
+            let name = backends.get(id).name();
+            let pacing = config
+                .pacing_by_backend
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(config.pacing, |(_, p)| *p);
+            pacers.push(Pacer::new(pacing)?);
+        }
+        Ok(Self {
+            retry: config.retry,
+            budget: config.budget,
+            router: Router::new(backends, config.route),
+            limits,
+            pacers,
+            tokens: config.tokens,
+            queue_timeout: config.queue_timeout,
+            stats: Stats::new(),
+            rng: config
+                .seed
+                .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
+            passthrough,
+        })
+    }
+
+    /// Whether requests go where they already point (no backends configured).
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
+    }
+
+    /// The backends.
+    pub fn backends(&self) -> &Backends {
+        self.router.backends()
+    }
+
+    /// The retry policy.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Opens a call at `now` for a request with this body; `deadline` is the caller's own.
+    pub fn start(&mut self, now: Instant, body: &[u8], deadline: Option<Instant>) -> EngineCall {
+        let retry = self.retry.start(now, deadline, &mut self.budget);
+        let route = self.router.start(now, retry.deadline());
+        EngineCall {
+            retry,
+            route,
+            tokens: self.tokens.estimate(body),
+            not_before: None,
+            queued_since: None,
+            sent: 0,
+        }
+    }
+
+    /// What the call does next at `now`.
+    pub fn next(&mut self, call: &mut EngineCall, now: Instant) -> Next {
+        if call.retry.remaining(now).is_some_and(|left| left.is_zero()) {
+            return Next::Fail(Failure::DeadlineExceeded);
+        }
+        if let Some(at) = call.not_before.filter(|at| *at > now) {
+            return Next::Wait(at - now);
+        }
+        call.not_before = None;
+        let tokens = call.tokens;
+        let (limits, pacers) = (&self.limits, &self.pacers);
+        let headroom = |id: BackendId| {
+            if pacers[id.index()].wait(now, tokens).is_zero() {
+                f64::from(limits[id.index()].available(now))
+            } else {
+                0.0
+            }
+        };
+        let id = match self.router.pick(&call.route, now, &headroom, &mut self.rng) {
+            Pick::Send(id) => id,
+            Pick::Wait(at) => return Next::Wait(at.saturating_duration_since(now)),
+            Pick::GiveUp(none) => {
+                return Next::Fail(match none.blocked {
+                    Some(record) => Failure::Blocked(record),
+                    None => Failure::NoBackend,
+                });
+            }
+        };
+        let pace = self.pacers[id.index()].wait(now, tokens);
+        if !pace.is_zero() {
+            return Next::Wait(self.capped(call, now, pace));
+        }
+        let Some(permit) = self.limits[id.index()].try_acquire(now, tokens) else {
+            let since = *call.queued_since.get_or_insert(now);
+            let waited = now.saturating_duration_since(since);
+            if waited >= self.queue_timeout {
+                return Next::Fail(Failure::Overloaded);
+            }
+            let left = self.queue_timeout - waited;
+            return Next::Queue(self.capped(call, now, left.min(QUEUE_RECHECK)));
+        };
+        call.queued_since = None;
+        // Pacing said zero wait above, so this records the send.
+        let _ = self.pacers[id.index()].check(now, tokens);
+        self.router.on_send(&mut call.route, id, now);
+        call.sent += 1;
+        Next::Send(Ticket {
+            backend: id,
+            permit,
+            sent_at: now,
+            retry: call.sent > 1,
+        })
+    }
+
+    /// Feeds the response of the attempt `ticket`; `body` is the start of an error body (read it
+    /// when [`classify::needs_body`] says so), `None` for a success.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_response(
+        &mut self,
+        call: &mut EngineCall,
+        ticket: Ticket,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> After {
+        let class = classify::classify_response(status, headers, body, wall_now);
+        let id = ticket.backend;
+        self.pacers[id.index()].on_response(now, headers);
+        if class.outcome == Outcome::Blocked {
+            let b = self.router.backends().get(id);
+            let resource = self.router.backends().resource(id);
+            let record = SupportRecord::new(
+                b.name(),
+                self.router.backends().resource_host(resource),
+                b.deployment(),
+                b.region(),
+                status,
+                headers,
+                body.unwrap_or_default(),
+                wall_now,
+            );
+            self.stats.record_block(record.clone());
+            self.observe(&ticket, &class, Some(headers), now, wall_now);
+            self.limits[id.index()].on_cancel(ticket.permit, now);
+            self.router.on_blocked(id, record, now);
+        } else {
+            self.observe(&ticket, &class, Some(headers), now, wall_now);
+            let latency = now.saturating_duration_since(ticket.sent_at);
+            self.limits[id.index()].on_outcome(ticket.permit, class.outcome, now);
+            self.router
+                .on_response(id, &class, latency, now, &mut self.rng);
+        }
+        self.after(call, id, class, now)
+    }
+
+    /// Feeds a transport error (no response) of the attempt `ticket`.
+    pub fn on_error(
+        &mut self,
+        call: &mut EngineCall,
+        ticket: Ticket,
+        error: TransportError,
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> After {
+        let class = classify::classify_error(error);
+        let id = ticket.backend;
+        self.observe(&ticket, &class, None, now, wall_now);
+        let latency = now.saturating_duration_since(ticket.sent_at);
+        self.limits[id.index()].on_outcome(ticket.permit, class.outcome, now);
+        self.router
+            .on_response(id, &class, latency, now, &mut self.rng);
+        self.after(call, id, class, now)
+    }
+
+    /// Returns the permit of an attempt that ended without an outcome (cancelled, dropped).
+    pub fn on_cancel(&mut self, ticket: Ticket, now: Instant) {
+        self.limits[ticket.backend.index()].on_cancel(ticket.permit, now);
+        self.router.on_cancel(ticket.backend);
+    }
+
+    /// The statistics, with the limiter's and router's gauges as of `now`.
+    pub fn stats(&mut self, now: Instant, wall_now: SystemTime) -> &Stats {
+        let to_wall = |at: Instant| wall_now + at.saturating_duration_since(now);
+        for id in self.router.backends().ids() {
+            let limit = &self.limits[id.index()];
+            let (cooldown_until, breaker_until) = match self.router.availability(id, now) {
+                Availability::CoolingDown(at) => (Some(to_wall(at)), None),
+                Availability::BreakerOpen(at) | Availability::Blocked(at) => {
+                    (None, Some(to_wall(at)))
+                }
+                _ => (None, None),
+            };
+            let breaker = match self.router.breaker(id) {
+                BreakerState::Closed => "closed",
+                BreakerState::Open { .. } => "open",
+                BreakerState::HalfOpen { .. } => "half-open",
+            };
+            let breaker = if matches!(self.router.availability(id, now), Availability::Blocked(_)) {
+                "blocked"
+            } else {
+                breaker
+            };
+            let gauges = Gauges {
+                limit: Some(limit.limit_at(now)),
+                in_flight: limit.in_flight(),
+                queue_depth: 0,
+                cooldown_until,
+                breaker: Some(breaker),
+                breaker_until,
+            };
+            let name = self.router.backends().get(id).name().to_owned();
+            self.stats.set_gauges(&name, gauges);
+        }
+        &self.stats
+    }
+
+    /// The diagnosis of what was observed so far.
+    pub fn diagnose(&mut self, now: Instant, wall_now: SystemTime) -> Diagnosis {
+        diagnose::diagnose(self.stats(now, wall_now))
+    }
+
+    fn observe(
+        &mut self,
+        ticket: &Ticket,
+        class: &Classification,
+        headers: Option<&HeaderMap>,
+        now: Instant,
+        wall_now: SystemTime,
+    ) {
+        let backend = self.router.backends().get(ticket.backend);
+        self.stats.record(Attempt {
+            backend: backend.name(),
+            region: backend.region(),
+            class,
+            headers,
+            latency: Some(now.saturating_duration_since(ticket.sent_at)),
+            retry: ticket.retry,
+            hedge: false,
+            wall_now,
+        });
+    }
+
+    /// The retry decision after an attempt to `failed`, given that a failover needs no wait.
+    fn after(
+        &mut self,
+        call: &mut EngineCall,
+        failed: BackendId,
+        class: Classification,
+        now: Instant,
+    ) -> After {
+        if class.outcome == Outcome::Success || !class.retryable {
+            // A 403 block is not retryable on its resource, but another resource may serve.
+            if class.outcome != Outcome::Blocked || !self.other_usable(failed, now) {
+                return After::Return;
+            }
+        }
+        let other = self.other_usable(failed, now);
+        // Moving to another backend waits for nothing, so the failed backend's hint is no reason
+        // to stop; attempts, deadline and budget still bound the call.
+        let mut decided = class;
+        if other {
+            decided.hint = None;
+            decided.retryable = true;
+        }
+        let action = self.retry.on_attempt(
+            &mut call.retry,
+            &decided,
+            now,
+            &mut self.budget,
+            &mut self.rng,
+        );
+        let after = match action {
+            Action::Retry { after, .. } => after,
+            Action::GiveUp(reason) => return After::GiveUp(reason),
+            _ => return After::Return,
+        };
+        if other {
+            return After::Retry;
+        }
+        // Only the failed backend (or none) could take the next attempt.
+        match self.router.availability(failed, now) {
+            Availability::Usable => {
+                // It failed without cooling down (a 5xx or a connection error without a hint):
+                // back off before trying it again.
+                call.not_before = now.checked_add(after);
+                After::Retry
+            }
+            _ => {
+                // It is out (cooldown from the server's hint, breaker, block): the next attempt
+                // waits for the first backend to come back, if that is within the deadline.
+                let next = self
+                    .router
+                    .backends()
+                    .ids()
+                    .filter_map(|id| match self.router.availability(id, now) {
+                        Availability::Usable | Availability::Probing => Some(now),
+                        Availability::CoolingDown(at)
+                        | Availability::BreakerOpen(at)
+                        | Availability::Blocked(at) => Some(at),
+                    })
+                    .min();
+                match (next, call.retry.deadline()) {
+                    (Some(at), Some(deadline)) if at > deadline => {
+                        After::GiveUp(GiveUpReason::DeadlineExceeded)
+                    }
+                    (Some(at), _) if at.saturating_duration_since(now) > self.retry.max_wait() => {
+                        After::GiveUp(GiveUpReason::HintTooLong)
+                    }
+                    (None, _) => After::GiveUp(GiveUpReason::DeadlineExceeded),
+                    _ => After::Retry,
+                }
+            }
+        }
+    }
+
+    fn other_usable(&self, failed: BackendId, now: Instant) -> bool {
+        self.router
+            .backends()
+            .ids()
+            .any(|id| id != failed && self.router.availability(id, now) == Availability::Usable)
+    }
+
+    fn capped(&self, call: &EngineCall, now: Instant, wait: Duration) -> Duration {
+        call.retry
+            .remaining(now)
+            .map_or(wait, |left| wait.min(left.max(Duration::from_millis(1))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUOTA: &[u8] = br#"{"error":{"code":"429","message":"Requests have exceeded token rate limit of your current OpenAI S0 pricing tier."}}"#;
+    const BLOCKED: &[u8] = br#"{"error":{"code":"Forbidden","message":"Your resource has been temporarily blocked because we detected unusual behavior."}}"#;
+
+    fn wall() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn engine(backends: Option<Vec<Backend>>) -> Engine {
+        let config = EngineConfig {
+            seed: Some(7),
+            ..EngineConfig::default()
+        };
+        Engine::new(backends.map(|b| Backends::new(b).unwrap()), config).unwrap()
+    }
+
+    fn two_regions() -> Vec<Backend> {
+        vec![
+            Backend::new("east", "https://east.example.com")
+                .with_region("eastus2")
+                .with_api_key("k1"),
+            Backend::new("west", "https://west.example.com")
+                .with_region("westeurope")
+                .with_api_key("k2"),
+        ]
+    }
+
+    fn send(engine: &mut Engine, call: &mut EngineCall, now: Instant) -> Ticket {
+        match engine.next(call, now) {
+            Next::Send(t) => t,
+            other => panic!("expected a send, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn passthrough_honours_the_hint_then_succeeds() {
+        let mut e = engine(None);
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        let ticket = send(&mut e, &mut call, t0);
+        let h = headers(&[("retry-after-ms", "2000")]);
+        let after = e.on_response(
+            &mut call,
+            ticket,
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            Some(QUOTA),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Retry);
+        let Next::Wait(wait) = e.next(&mut call, t0) else {
+            panic!("expected a wait");
+        };
+        assert!(wait >= Duration::from_secs(2), "{wait:?}");
+        let t1 = t0 + wait;
+        let ticket = send(&mut e, &mut call, t1);
+        let after = e.on_response(
+            &mut call,
+            ticket,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            t1,
+            wall(),
+        );
+        assert_eq!(after, After::Return);
+        let stats = e.stats(t1, wall());
+        let b = stats.backend(PASSTHROUGH_BACKEND).unwrap();
+        assert_eq!((b.requests, b.successes, b.retries), (2, 1, 1));
+        assert_eq!(b.throttled.quota, 1);
+    }
+
+    #[test]
+    fn a_429_fails_over_without_waiting() {
+        let mut e = engine(Some(two_regions()));
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        let first = send(&mut e, &mut call, t0);
+        let first_id = first.backend();
+        let h = headers(&[("retry-after", "30")]);
+        let after = e.on_response(
+            &mut call,
+            first,
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            Some(QUOTA),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Retry, "a 30 s hint must not stop a failover");
+        let second = send(&mut e, &mut call, t0);
+        assert_ne!(second.backend(), first_id);
+        e.on_cancel(second, t0);
+    }
+
+    #[test]
+    fn a_403_isolates_its_resource_and_the_last_one_returns_the_real_answer() {
+        let mut e = engine(Some(two_regions()));
+        let t0 = Instant::now();
+        let h = headers(&[
+            ("apim-request-id", "f6501a03"),
+            ("x-ms-region", "East US 2"),
+        ]);
+        let mut call = e.start(t0, b"{}", None);
+        let first = send(&mut e, &mut call, t0);
+        let first_id = first.backend();
+        let after = e.on_response(
+            &mut call,
+            first,
+            StatusCode::FORBIDDEN,
+            &h,
+            Some(BLOCKED),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Retry);
+        let second = send(&mut e, &mut call, t0);
+        assert_ne!(second.backend(), first_id);
+        // The other resource is blocked too: the 403 itself is the answer.
+        let after = e.on_response(
+            &mut call,
+            second,
+            StatusCode::FORBIDDEN,
+            &h,
+            Some(BLOCKED),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Return);
+        // A new call finds nothing to send to, and gets the support record.
+        let mut call = e.start(t0, b"{}", None);
+        match e.next(&mut call, t0) {
+            Next::Fail(Failure::Blocked(record)) => {
+                assert_eq!(record.apim_request_id.as_deref(), Some("f6501a03"))
+            }
+            other => panic!("expected a blocked failure, got {other:?}"),
+        }
+        let d = e.diagnose(t0, wall());
+        assert_eq!(
+            d.findings
+                .iter()
+                .filter(|f| f.kind == diagnose::FindingKind::Blocked)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_5xx_without_hint_backs_off_on_the_only_backend() {
+        let mut e = engine(None);
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        let ticket = send(&mut e, &mut call, t0);
+        let after = e.on_error(&mut call, ticket, TransportError::Connect, t0, wall());
+        assert_eq!(after, After::Retry);
+        match e.next(&mut call, t0) {
+            Next::Wait(d) => assert!(d <= Duration::from_millis(500)),
+            Next::Send(t) => e.on_cancel(t, t0), // full jitter may draw zero
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_hint_past_the_deadline_gives_up_with_the_response() {
+        let mut e = engine(None);
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", Some(t0 + Duration::from_secs(5)));
+        let ticket = send(&mut e, &mut call, t0);
+        let h = headers(&[("retry-after", "20")]);
+        let after = e.on_response(
+            &mut call,
+            ticket,
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            Some(QUOTA),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::GiveUp(GiveUpReason::DeadlineExceeded));
+    }
+
+    #[test]
+    fn calls_queue_at_the_limit_and_time_out_as_overloaded() {
+        let config = EngineConfig {
+            limit: LimitConfig::default().with_initial(2).with_max(2),
+            queue_timeout: Duration::from_secs(3),
+            seed: Some(1),
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::new(None, config).unwrap();
+        let t0 = Instant::now();
+        let mut a = e.start(t0, b"{}", None);
+        let mut b = e.start(t0, b"{}", None);
+        let mut c = e.start(t0, b"{}", None);
+        let ta = send(&mut e, &mut a, t0);
+        let _tb = send(&mut e, &mut b, t0);
+        assert!(matches!(e.next(&mut c, t0), Next::Queue(_)));
+        // A permit comes back: the queued call goes.
+        e.on_cancel(ta, t0);
+        let tc = send(&mut e, &mut c, t0 + Duration::from_millis(10));
+        // Now full again; a fourth call waits, then gives up after the queue timeout.
+        let mut d = e.start(t0, b"{}", None);
+        assert!(matches!(e.next(&mut d, t0), Next::Queue(_)));
+        assert!(matches!(
+            e.next(&mut d, t0 + Duration::from_secs(3)),
+            Next::Fail(Failure::Overloaded)
+        ));
+        e.on_cancel(tc, t0);
+    }
+}
