@@ -79,9 +79,16 @@ def _prefixed_stream_class(http: ModuleType) -> type:
                     yield chunk
 
         def close(self) -> None:
+            # Finish the half-read iterator first, so nothing is left for the garbage collector.
+            rest, self._rest = self._rest, None
+            if rest is not None and hasattr(rest, "close"):
+                rest.close()
             self._original.close()
 
         async def aclose(self) -> None:
+            rest, self._rest = self._rest, None
+            if rest is not None and hasattr(rest, "aclose"):
+                await rest.aclose()
             await self._original.aclose()
 
     return PrefixedStream
