@@ -303,7 +303,7 @@ impl ErrorBody {
         if digits == 0 || !rest[digits..].trim_start().starts_with("second") {
             return None;
         }
-        hints::parse_reset(rest[..digits].as_bytes())
+        hints::parse_reset(&rest.as_bytes()[..digits])
     }
 }
 

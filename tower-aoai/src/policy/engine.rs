@@ -544,11 +544,11 @@ impl Engine {
                     .router
                     .backends()
                     .ids()
-                    .filter_map(|id| match self.router.availability(id, now) {
-                        Availability::Usable | Availability::Probing => Some(now),
+                    .map(|id| match self.router.availability(id, now) {
+                        Availability::Usable | Availability::Probing => now,
                         Availability::CoolingDown(at)
                         | Availability::BreakerOpen(at)
-                        | Availability::Blocked(at) => Some(at),
+                        | Availability::Blocked(at) => at,
                     })
                     .min();
                 match (next, call.retry.deadline()) {
