@@ -18,6 +18,7 @@ pub mod limit;
 pub mod policy;
 pub mod retry;
 pub mod route;
+pub mod stack;
 
 pub use limit::AdaptiveConcurrencyLayer;
 pub use retry::RetryLayer;

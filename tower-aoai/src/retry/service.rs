@@ -138,6 +138,8 @@ where
                 );
                 (class, Ok(res.map(RetryBody::passthrough)))
             }
+            // A 403 block is final: the router sends nothing more to a blocked resource.
+            Err(e) if e.is::<crate::policy::route::BlockedError>() => return Err(e),
             Err(e) => {
                 let kind = if is_timeout(&*e) {
                     TransportError::Timeout

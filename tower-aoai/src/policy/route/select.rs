@@ -114,6 +114,16 @@ impl RoutePolicy {
     pub fn hedge(&self) -> &HedgePolicy {
         &self.hedge
     }
+
+    /// The longest a call without a deadline waits for a backend to come back.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// Attempts per call across all backends, hedges included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
 }
 
 /// What the driver does next for a call.

@@ -1,0 +1,274 @@
+//! The recommended full stack, from one builder: retry → route/hedge → (limit per backend) →
+//! client.
+//!
+//! - [`RetryLayer`](crate::RetryLayer) on top: Retry-After-aware, budgeted; it sees what the
+//!   router could not serve (the last 429 with its hint, a 5xx, no usable backend) and waits and
+//!   tries again. A 403 block ([`BlockedError`](crate::policy::route::BlockedError)) is final.
+//! - [`RouteLayer`] below it: picks a backend, fails over at once inside one retry attempt,
+//!   hedges slow calls, keeps blocked resources out. Its waits for a cooling backend never pass
+//!   the retry policy's deadline (nor the caller's [`Deadline`](crate::retry::Deadline)).
+//! - the client at the bottom, shared by every backend (requests are rewritten per backend).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{ServiceExt, service_fn};
+//! use tower_aoai::policy::route::Backend;
+//! use tower_aoai::stack::Stack;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let client = service_fn(|req: Request<Full<Bytes>>| async move {
+//!     let status = if req.uri().host() == Some("ptu.example.com") { 429 } else { 200 };
+//!     Ok::<_, Infallible>(Response::builder().status(status)
+//!         .body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+//! });
+//! let stack = Stack::builder()
+//!     .backend(Backend::new("ptu", "https://ptu.example.com").with_api_key("k1").with_tier(0))
+//!     .backend(Backend::new("paygo", "https://paygo.example.com").with_api_key("k2").with_tier(1))
+//!     .seed(1)
+//!     .build(client)?;
+//! let req = Request::post("https://ptu.example.com/openai/deployments/gpt-4o/chat/completions")
+//!     .body(Full::new(Bytes::from_static(b"{}")))?;
+//! let res = stack.clone().oneshot(req).await?;
+//! assert_eq!(res.status(), StatusCode::OK); // spilled over to the standard tier at once
+//! assert_eq!(stack.route_stats().attempts, 2);
+//! # Ok(()) }
+//! ```
+
+use std::task::{Context, Poll};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::policy::route::{Backend, Backends, RoutePolicy, RouteStats};
+use crate::policy::{ConfigError, RetryBudget, RetryPolicy};
+use crate::retry::{Retry, RetryLayer};
+use crate::route::{Route, RouteLayer};
+
+/// The full stack over a client `S`. Build it with [`Stack::builder`].
+#[derive(Debug, Clone)]
+pub struct Stack<S> {
+    inner: Retry<Route<S>>,
+    route: RouteLayer,
+}
+
+impl Stack<()> {
+    /// A builder with the default policies and no backends yet.
+    pub fn builder() -> StackBuilder {
+        StackBuilder::default()
+    }
+}
+
+impl<S> Stack<S> {
+    /// The router's counters (calls, attempts, hedges, cancellations, waits).
+    pub fn route_stats(&self) -> RouteStats {
+        self.route.stats()
+    }
+
+    /// The route layer, to inspect the shared router.
+    pub fn route(&self) -> &RouteLayer {
+        &self.route
+    }
+
+    /// The composed service.
+    pub fn get_ref(&self) -> &Retry<Route<S>> {
+        &self.inner
+    }
+
+    /// Consumes `self`, returning the composed service.
+    pub fn into_inner(self) -> Retry<Route<S>> {
+        self.inner
+    }
+}
+
+impl<S, R> Service<R> for Stack<S>
+where
+    Retry<Route<S>>: Service<R>,
+{
+    type Response = <Retry<Route<S>> as Service<R>>::Response;
+    type Error = <Retry<Route<S>> as Service<R>>::Error;
+    type Future = <Retry<Route<S>> as Service<R>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.inner.call(req)
+    }
+}
+
+/// Configures a [`Stack`]. Every setting has a default except the backends.
+#[derive(Debug, Clone, Default)]
+pub struct StackBuilder {
+    backends: Vec<Backend>,
+    retry: RetryPolicy,
+    retry_budget: Option<RetryBudget>,
+    route: RoutePolicy,
+    seed: Option<u64>,
+}
+
+impl StackBuilder {
+    /// Adds a backend.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
+    /// Adds backends.
+    pub fn backends(mut self, backends: impl IntoIterator<Item = Backend>) -> Self {
+        self.backends.extend(backends);
+        self
+    }
+
+    /// The retry policy (default [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The retry budget (default [`RetryBudget::default`]).
+    pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.retry_budget = Some(budget);
+        self
+    }
+
+    /// The routing policy: cooldowns, blocks, breakers, hedging (default
+    /// [`RoutePolicy::default`]).
+    pub fn route(mut self, policy: RoutePolicy) -> Self {
+        self.route = policy;
+        self
+    }
+
+    /// Seeds every random choice (backend choice, jitter), so runs are reproducible.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Builds the stack over `client` (cloned once per backend). Fails when the backends do not
+    /// check out ([`Backends::new`]).
+    pub fn build<S: Clone>(self, client: S) -> Result<Stack<S>, ConfigError> {
+        let backends = Backends::new(self.backends)?;
+        let mut route_policy = self.route;
+        if let Some(deadline) = self.retry.deadline() {
+            let wait = route_policy.max_wait().min(deadline);
+            route_policy = route_policy.with_max_wait(wait);
+        }
+        let mut route = RouteLayer::new(backends, route_policy);
+        let mut retry = RetryLayer::new(self.retry);
+        if let Some(budget) = self.retry_budget {
+            retry = retry.with_budget(budget);
+        }
+        if let Some(seed) = self.seed {
+            route = route.with_seed(seed);
+            retry = retry.with_seed(seed.wrapping_add(1));
+        }
+        let inner = retry.layer(route.layer(client));
+        Ok(Stack { inner, route })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+    use crate::policy::route::BlockedError;
+
+    const BLOCKED: &str = r#"{"error":{"code":"Forbidden","message":"Your resource has been temporarily blocked because we detected unusual behavior."}}"#;
+
+    fn req() -> Request<Full<Bytes>> {
+        Request::post("https://x.example/openai/deployments/d/chat/completions")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    #[test]
+    fn no_backends_is_a_config_error() {
+        let err = Stack::builder()
+            .build(service_fn(|_: Request<Full<Bytes>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }))
+            .unwrap_err();
+        assert_eq!(err.field(), "backends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_block_is_final_and_reaches_the_caller_at_once() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let client = service_fn(move |_: Request<Full<Bytes>>| {
+            h.fetch_add(1, Ordering::SeqCst);
+            async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(403)
+                        .header("apim-request-id", "r-1")
+                        .body(Full::new(Bytes::from_static(BLOCKED.as_bytes())))
+                        .unwrap(),
+                )
+            }
+        });
+        let stack = Stack::builder()
+            .backend(Backend::new("a", "https://a.example").with_api_key("k"))
+            .seed(3)
+            .build(client)
+            .unwrap();
+        let t0 = tokio::time::Instant::now();
+        let err = stack.clone().oneshot(req()).await.unwrap_err();
+        assert!(
+            err.downcast_ref::<BlockedError>()
+                .unwrap()
+                .support_record()
+                .contains("r-1")
+        );
+        assert_eq!(tokio::time::Instant::now(), t0, "no retry waits on a block");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_backend_throttles_the_router_waits_for_the_first_cooldown() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        // Both backends throttle for the first 4 attempts (2 s hints), then answer.
+        let client = service_fn(move |_: Request<Full<Bytes>>| {
+            let n = h.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let res = if n < 4 {
+                    Response::builder()
+                        .status(429)
+                        .header("retry-after-ms", "2000")
+                        .body(Full::new(Bytes::from_static(b"{}")))
+                } else {
+                    Response::builder().body(Full::new(Bytes::from_static(b"{}")))
+                };
+                Ok::<_, Infallible>(res.unwrap())
+            }
+        });
+        let stack = Stack::builder()
+            .backend(Backend::new("a", "https://a.example"))
+            .backend(Backend::new("b", "https://b.example"))
+            .route(RoutePolicy::default().with_cooldown_jitter(0.0).unwrap())
+            .seed(5)
+            .build(client)
+            .unwrap();
+        let t0 = tokio::time::Instant::now();
+        let res = stack.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // a, b (both cool 2 s), wait, a, b (cool again), wait, a: OK. No sleeps but the cooldowns.
+        assert_eq!(hits.load(Ordering::SeqCst), 5);
+        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_secs(4));
+    }
+}
