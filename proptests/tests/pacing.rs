@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
-use tower_aoai::policy::{Pacer, PacingConfig};
+use tower_aoai::policy::{LimitWindow, Pacer, PacingConfig};
 
 #[derive(Debug, Clone)]
 struct Arrival {
@@ -158,11 +158,12 @@ proptest! {
         tpm in 1000u64..2_000_000,
         arrivals in proptest::collection::vec(arrival(), 1..200),
     ) {
-        let mut p = Pacer::new(PacingConfig::new()).unwrap();
+        let mut p = Pacer::new(PacingConfig::new().with_limit_window(LimitWindow::Minute)).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("x-ratelimit-limit-requests", HeaderValue::from(rpm));
         headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(tpm));
-        p.on_response(Instant::now(), &headers);
+        let t0 = Instant::now();
+        p.on_response_to(t0, t0, &headers);
         prop_assert_eq!(p.requests_per_minute(), Some(rpm as f64));
         let sent = schedule(&mut p, &arrivals);
         let safety = p.config().safety();

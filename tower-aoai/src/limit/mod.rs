@@ -40,7 +40,7 @@
 //! # async fn main() {
 //! let backend = service_fn(|_req: Request<Full<Bytes>>| async {
 //!     let res = Response::builder()
-//!         .header("x-ratelimit-limit-requests", "600")
+//!         .header("x-ratelimit-limit-requests", "100")
 //!         .body(Full::new(Bytes::from_static(b"{\"ok\":true}")))
 //!         .unwrap();
 //!     Ok::<_, Infallible>(res)
@@ -57,7 +57,8 @@
 //! let bytes = res.into_body().collect().await.unwrap().to_bytes();
 //! assert_eq!(&bytes[..], b"{\"ok\":true}");
 //! assert_eq!(limiter.snapshot().in_flight, 0);
-//! // ... and the backend's request quota was learned from its headers.
+//! // ... and the backend's request quota was learned from its headers (a count per 10 s window,
+//! // until the `remaining` figures show another window).
 //! assert_eq!(limiter.snapshot().requests_per_minute, Some(600.0));
 //! # }
 //! ```

@@ -288,7 +288,9 @@ where
     let class = classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
     {
         let mut state = shared.lock();
-        state.pacer.on_response(at, res.headers());
+        state
+            .pacer
+            .on_response_to(at, guard.sent_at(at), res.headers());
         if class.outcome.is_throttle()
             && let Some(hint) = class.hint
         {
@@ -480,6 +482,11 @@ impl PermitGuard {
         if let Some(permit) = self.permit.take() {
             self.permit = Some(permit.sent(now));
         }
+    }
+
+    /// When the attempt was sent (`or_else` if the permit is already gone).
+    fn sent_at(&self, or_else: Instant) -> Instant {
+        self.permit.as_ref().map_or(or_else, Permit::sent_at)
     }
 
     /// Gives the permit back with the attempt's outcome.

@@ -363,7 +363,7 @@ async fn a_throttle_hint_holds_every_send() {
             429,
             &[
                 ("retry-after-ms", "2000"),
-                ("x-ratelimit-limit-requests", "6000"),
+                ("x-ratelimit-limit-requests", "1000"),
             ],
         )
         .1,

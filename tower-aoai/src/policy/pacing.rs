@@ -113,10 +113,86 @@ impl Gcra {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum LimitWindow {
-    /// Requests per minute (OpenAI's meaning, and Azure's documented one).
-    Minute,
-    /// Requests per 10 s (some Azure deployments have been reported to send this figure).
+    /// Inferred from the responses: the window (1 s, 10 s or 60 s) under which
+    /// `x-ratelimit-remaining-requests` best matches this pacer's own recent sends. Until the
+    /// evidence says otherwise, 10 s (the window Azure is reported to count in).
+    Auto,
+    /// Requests per second.
+    Second,
+    /// Requests per 10 s (what some Azure deployments have been reported to send).
     TenSeconds,
+    /// Requests per minute (OpenAI's meaning).
+    Minute,
+}
+
+impl LimitWindow {
+    fn length(self) -> Option<Duration> {
+        match self {
+            LimitWindow::Auto => None,
+            LimitWindow::Second => Some(Duration::from_secs(1)),
+            LimitWindow::TenSeconds => Some(Duration::from_secs(10)),
+            LimitWindow::Minute => Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// The windows [`LimitWindow::Auto`] chooses among, in order of preference on a tie.
+const CANDIDATE_WINDOWS: [Duration; 3] = [
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(1),
+];
+
+/// Sends remembered for window inference (the longest candidate window's worth, at most this many).
+const MAX_REMEMBERED_SENDS: usize = 65_536;
+
+/// Infers which window `x-ratelimit-limit-requests` counts: under the true window `W`, a response
+/// to a request sent at `s` reports `remaining = limit - (sends in (s - W, s])` when this client is
+/// the only one sending; the candidate whose prediction errs least (smoothed) wins. Other clients
+/// on the same deployment lower `remaining`, which favours longer windows: a slower, safe pace.
+#[derive(Debug, Clone, Default)]
+struct WindowGuess {
+    sends: std::collections::VecDeque<Instant>,
+    errors: [f64; 3],
+}
+
+impl WindowGuess {
+    fn record(&mut self, at: Instant) {
+        let horizon = CANDIDATE_WINDOWS[1];
+        while self
+            .sends
+            .front()
+            .is_some_and(|&t| t + horizon < at || self.sends.len() >= MAX_REMEMBERED_SENDS)
+        {
+            self.sends.pop_front();
+        }
+        if self.sends.back().is_none_or(|&t| t <= at) {
+            self.sends.push_back(at);
+        }
+    }
+
+    fn sends_in(&self, sent_at: Instant, window: Duration) -> f64 {
+        let end = self.sends.partition_point(|&t| t <= sent_at);
+        let start = self.sends.partition_point(|&t| t + window <= sent_at);
+        end.saturating_sub(start) as f64
+    }
+
+    fn observe(&mut self, sent_at: Instant, limit: f64, remaining: f64) {
+        for (i, window) in CANDIDATE_WINDOWS.iter().enumerate() {
+            let predicted = limit - self.sends_in(sent_at, *window);
+            self.errors[i] = self.errors[i] * 0.75 + (remaining - predicted).abs();
+        }
+    }
+
+    fn best(&self) -> Duration {
+        let mut best = 0;
+        for i in 1..CANDIDATE_WINDOWS.len() {
+            if self.errors[i] < self.errors[best] {
+                best = i;
+            }
+        }
+        CANDIDATE_WINDOWS[best]
+    }
 }
 
 /// The settings of a [`Pacer`].
@@ -133,8 +209,8 @@ pub struct PacingConfig {
 }
 
 impl Default for PacingConfig {
-    /// No known rates (learned from headers), a burst of one request and no token burst, paced at
-    /// 97 % of the quota, holds of at most 60 s.
+    /// No known rates (learned from headers, the request window inferred), a burst of one request
+    /// and no token burst, paced at 97 % of the quota, holds of at most 60 s.
     fn default() -> Self {
         Self {
             requests_per_minute: None,
@@ -143,7 +219,7 @@ impl Default for PacingConfig {
             token_burst: 0,
             safety: 0.97,
             learn: true,
-            limit_window: LimitWindow::Minute,
+            limit_window: LimitWindow::Auto,
             max_hold: Duration::from_secs(60),
         }
     }
@@ -278,6 +354,7 @@ pub struct Pacer {
     tokens: Option<Gcra>,
     learned_rpm: Option<f64>,
     learned_tpm: Option<f64>,
+    window_guess: WindowGuess,
     hold_until: Option<Instant>,
     remaining_requests: Option<Remaining>,
     remaining_tokens: Option<Remaining>,
@@ -299,6 +376,7 @@ impl Pacer {
             tokens: None,
             learned_rpm: None,
             learned_tpm: None,
+            window_guess: WindowGuess::default(),
             hold_until: None,
             remaining_requests: None,
             remaining_tokens: None,
@@ -320,6 +398,15 @@ impl Pacer {
     /// The tokens-per-minute quota paced against (configured, else learned), before `safety`.
     pub fn tokens_per_minute(&self) -> Option<f64> {
         self.config.tokens_per_minute.or(self.learned_tpm)
+    }
+
+    /// The window `x-ratelimit-limit-requests` is read in: the configured one, or the inferred
+    /// one with [`LimitWindow::Auto`].
+    pub fn request_window(&self) -> Duration {
+        self.config
+            .limit_window
+            .length()
+            .unwrap_or_else(|| self.window_guess.best())
     }
 
     /// The request GCRA, when a request rate is known.
@@ -377,6 +464,9 @@ impl Pacer {
         if let Some(g) = &mut self.tokens {
             g.charge(now, tokens as f64);
         }
+        if self.config.learn && self.config.limit_window == LimitWindow::Auto {
+            self.window_guess.record(now);
+        }
         for (remaining, cost) in [
             (&mut self.remaining_requests, 1.0),
             (&mut self.remaining_tokens, tokens as f64),
@@ -396,16 +486,38 @@ impl Pacer {
         }
     }
 
-    /// Learns from a response's headers: quota limits (`x-ratelimit-limit-*`, when learning is on
-    /// and no rate was configured) and what remains of the current window
-    /// (`x-ratelimit-remaining-*` with `x-ratelimit-reset-*`). Garbage values are ignored.
+    /// Learns from the headers of a response received at `now`, as [`on_response_to`]
+    /// (Self::on_response_to) with the send time unknown (taken as `now`: window inference then
+    /// learns nothing from this response).
     pub fn on_response(&mut self, now: Instant, headers: &HeaderMap) {
+        self.learn(now, None, headers);
+    }
+
+    /// Learns from the headers of a response (received at `now`) to a request sent at `sent_at`:
+    /// quota limits (`x-ratelimit-limit-*`, when learning is on and no rate was configured) and
+    /// what remains of the current window (`x-ratelimit-remaining-*` with
+    /// `x-ratelimit-reset-*`). Garbage values are ignored.
+    pub fn on_response_to(&mut self, now: Instant, sent_at: Instant, headers: &HeaderMap) {
+        self.learn(now, Some(sent_at), headers);
+    }
+
+    fn learn(&mut self, now: Instant, sent_at: Option<Instant>, headers: &HeaderMap) {
         if self.config.learn {
-            let per_minute = match self.config.limit_window {
-                LimitWindow::Minute => 1.0,
-                LimitWindow::TenSeconds => 6.0,
+            let limit = header_count(headers, "x-ratelimit-limit-requests");
+            let window = match self.config.limit_window.length() {
+                Some(window) => window,
+                None => {
+                    if let (Some(limit), Some(remaining), Some(sent_at)) = (
+                        limit,
+                        header_count_or_zero(headers, "x-ratelimit-remaining-requests"),
+                        sent_at,
+                    ) {
+                        self.window_guess.observe(sent_at, limit, remaining);
+                    }
+                    self.window_guess.best()
+                }
             };
-            let rpm = header_count(headers, "x-ratelimit-limit-requests").map(|n| n * per_minute);
+            let rpm = limit.map(|n| n * 60.0 / window.as_secs_f64());
             let tpm = header_count(headers, "x-ratelimit-limit-tokens");
             let changed = (rpm.is_some() && rpm != self.learned_rpm)
                 || (tpm.is_some() && tpm != self.learned_tpm);
@@ -591,10 +703,11 @@ mod tests {
 
     #[test]
     fn rates_are_learned_from_headers_and_configuration_wins() {
-        let mut p = Pacer::default();
+        let mut p = Pacer::new(PacingConfig::new().with_limit_window(LimitWindow::Minute)).unwrap();
         let t0 = Instant::now();
         assert_eq!(p.wait(t0, 1), Duration::ZERO);
-        p.on_response(
+        p.on_response_to(
+            t0,
             t0,
             &headers(&[
                 ("x-ratelimit-limit-requests", "600"),
@@ -608,20 +721,70 @@ mod tests {
 
         let mut ten =
             Pacer::new(PacingConfig::new().with_limit_window(LimitWindow::TenSeconds)).unwrap();
-        ten.on_response(t0, &headers(&[("x-ratelimit-limit-requests", "100")]));
+        ten.on_response_to(t0, t0, &headers(&[("x-ratelimit-limit-requests", "100")]));
         assert_eq!(ten.requests_per_minute(), Some(600.0));
 
         let mut fixed =
             Pacer::new(PacingConfig::new().with_requests_per_minute(Some(60.0))).unwrap();
-        fixed.on_response(t0, &headers(&[("x-ratelimit-limit-requests", "6000")]));
+        fixed.on_response_to(t0, t0, &headers(&[("x-ratelimit-limit-requests", "6000")]));
         assert_eq!(fixed.requests_per_minute(), Some(60.0));
+    }
+
+    /// A server with a sliding request window of `window` admitting `limit`: answers each send
+    /// with what remains after it, as Azure and the simulator do.
+    fn learn_against(window: Duration, limit: u64) -> Pacer {
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        let mut server: Vec<Instant> = Vec::new();
+        let mut t = t0;
+        for i in 0..200u64 {
+            // Irregular sends, as fast as the pacer allows or slower.
+            t += Duration::from_millis(50 + (i * 7919) % 400);
+            if let Err(wait) = p.check(t, 1) {
+                t += wait;
+                p.check(t, 1).unwrap();
+            }
+            server.retain(|&s| s + window > t);
+            server.push(t);
+            let remaining = limit.saturating_sub(server.len() as u64).to_string();
+            let limit = limit.to_string();
+            p.on_response_to(
+                t + Duration::from_millis(300),
+                t,
+                &headers(&[
+                    ("x-ratelimit-limit-requests", limit.as_str()),
+                    ("x-ratelimit-remaining-requests", remaining.as_str()),
+                ]),
+            );
+        }
+        p
+    }
+
+    #[test]
+    fn the_request_window_is_inferred_from_remaining() {
+        for (window, limit) in [(1, 10), (10, 100), (60, 600), (10, 20), (1, 3)] {
+            let window = Duration::from_secs(window);
+            let p = learn_against(window, limit);
+            assert_eq!(p.request_window(), window, "limit {limit}");
+            assert_eq!(
+                p.requests_per_minute(),
+                Some(limit as f64 * 60.0 / window.as_secs_f64())
+            );
+        }
+        // With no evidence, 10 s.
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        p.on_response_to(t0, t0, &headers(&[("x-ratelimit-limit-requests", "100")]));
+        assert_eq!(p.request_window(), Duration::from_secs(10));
+        assert_eq!(p.requests_per_minute(), Some(600.0));
     }
 
     #[test]
     fn no_remaining_requests_holds_until_reset() {
         let mut p = Pacer::default();
         let t0 = Instant::now();
-        p.on_response(
+        p.on_response_to(
+            t0,
             t0,
             &headers(&[
                 ("x-ratelimit-remaining-requests", "0"),
@@ -631,7 +794,8 @@ mod tests {
         assert_eq!(p.check(t0, 1), Err(Duration::from_secs(2)));
         assert_eq!(p.check(t0 + Duration::from_secs(2), 1), Ok(()));
         // One left: one send, then hold until the window resets.
-        p.on_response(
+        p.on_response_to(
+            t0,
             t0,
             &headers(&[
                 ("x-ratelimit-remaining-requests", "1"),
@@ -650,7 +814,8 @@ mod tests {
             .with_token_burst(1_000_000);
         let mut p = Pacer::new(cfg).unwrap();
         let t0 = Instant::now();
-        p.on_response(
+        p.on_response_to(
+            t0,
             t0,
             &headers(&[
                 ("x-ratelimit-remaining-tokens", "500"),
@@ -694,7 +859,8 @@ mod tests {
             "0x10",
             "1.5",
         ] {
-            p.on_response(
+            p.on_response_to(
+                t0,
                 t0,
                 &headers(&[
                     ("x-ratelimit-limit-requests", bad),
@@ -706,7 +872,7 @@ mod tests {
         }
         assert_eq!(p.requests_per_minute(), None);
         assert_eq!(p.check(t0, 1), Ok(()));
-        p.on_response(t0, &headers(&[("x-ratelimit-limit-requests", "0")]));
+        p.on_response_to(t0, t0, &headers(&[("x-ratelimit-limit-requests", "0")]));
         assert_eq!(p.requests_per_minute(), None);
     }
 
