@@ -344,6 +344,18 @@ struct EventState {
     reject_share: Option<f64>,
 }
 
+/// The parts of a request body the model reads.
+#[derive(Debug, Clone, Default)]
+struct BodyInfo {
+    object: bool,
+    model: Option<String>,
+    stream: bool,
+    max_out: Option<u64>,
+    choices: u64,
+    inputs: usize,
+    estimate: u64,
+}
+
 /// Which delay header style a 429 gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeaderStyle {
@@ -366,6 +378,7 @@ pub struct Model {
     time_scale: f64,
     next_id: u64,
     stats: Stats,
+    body_cache: Vec<(Bytes, BodyInfo)>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -477,6 +490,7 @@ impl Model {
             time_scale: 1.0,
             next_id: 0,
             stats: Stats::default(),
+            body_cache: Vec::new(),
         })
     }
 
@@ -604,9 +618,8 @@ impl Model {
         }
 
         // 3. The deployment.
-        let json: Option<Value> = serde_json::from_slice(&req.body).ok();
-        let json = json.filter(Value::is_object);
-        let Some(json) = json else {
+        let info = self.body_info(&req.body);
+        if !info.object {
             return SimResponse::Answer(self.error(
                 headers,
                 StatusCode::BAD_REQUEST,
@@ -614,10 +627,10 @@ impl Model {
                 Verdict::BadRequest,
                 error_latency,
             ));
-        };
+        }
         let name = match &req.deployment {
             Some(d) => Some(d.as_str()),
-            None => json.get("model").and_then(Value::as_str),
+            None => info.model.as_deref(),
         };
         let Some(name) = name else {
             return SimResponse::Answer(self.error(
@@ -655,7 +668,7 @@ impl Model {
         }
         self.regions[region].arrivals.add(now, 1);
 
-        let estimate = self.estimator.estimate(&req.body);
+        let estimate = info.estimate;
         let api_version = req.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
         let mut served = di;
         let mut spilled = false;
@@ -737,27 +750,17 @@ impl Model {
 
         // Served.
         let dep = &self.resources[ri].deployments[served];
-        let stream = json.get("stream").and_then(Value::as_bool) == Some(true);
-        let max_out = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| json.get(*k).and_then(Value::as_u64))
+        let stream = info.stream;
+        let max_out = info
+            .max_out
             .unwrap_or(self.estimator.default_completion_tokens());
         let output_tokens = if req.operation == Operation::Embeddings {
             0
         } else {
             self.output_tokens.min(max_out)
         };
-        let inputs = json
-            .get("input")
-            .and_then(Value::as_array)
-            .map_or(1, Vec::len);
-        let prompt_tokens = estimate.saturating_sub(max_out.saturating_mul(
-            if req.operation == Operation::Embeddings {
-                0
-            } else {
-                1
-            },
-        ));
+        let inputs = info.inputs;
+        let prompt_tokens = estimate.saturating_sub(max_out.saturating_mul(info.choices));
         let body = render::success(&render::Success {
             op: req.operation,
             model: &dep.model,
@@ -812,6 +815,45 @@ impl Model {
         };
         self.regions[region].in_flight.push(Reverse(now + end));
         response
+    }
+
+    /// What the model needs from a body, parsed once per distinct body (the driver sends the
+    /// same body many times).
+    fn body_info(&mut self, body: &Bytes) -> BodyInfo {
+        if let Some((_, info)) = self.body_cache.iter().find(|(b, _)| b == body) {
+            return info.clone();
+        }
+        let json: Option<Value> = serde_json::from_slice(body).ok();
+        let info = match json.as_ref().filter(|j| j.is_object()) {
+            None => BodyInfo::default(),
+            Some(json) => BodyInfo {
+                object: true,
+                model: json
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                stream: json.get("stream").and_then(Value::as_bool) == Some(true),
+                max_out: ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+                    .iter()
+                    .find_map(|k| json.get(*k).and_then(Value::as_u64)),
+                choices: ["n", "best_of"]
+                    .iter()
+                    .filter_map(|k| json.get(*k).and_then(Value::as_u64))
+                    .max()
+                    .unwrap_or(1)
+                    .clamp(1, 128),
+                inputs: json
+                    .get("input")
+                    .and_then(Value::as_array)
+                    .map_or(1, Vec::len),
+                estimate: self.estimator.estimate(body),
+            },
+        };
+        if self.body_cache.len() >= 4 {
+            self.body_cache.remove(0);
+        }
+        self.body_cache.push((body.clone(), info.clone()));
+        info
     }
 
     fn base_headers(&mut self) -> HeaderMap {

@@ -86,9 +86,9 @@ fn chat_stream(s: &Success<'_>) -> Vec<Bytes> {
         json!({"role": "assistant", "content": ""}),
         None,
     )));
-    for _ in 0..s.output_tokens {
-        chunks.push(sse(&chat_chunk(s, json!({"content": TOKEN}), None)));
-    }
+    // Every token chunk is the same: serialise it once.
+    let token = sse(&chat_chunk(s, json!({"content": TOKEN}), None));
+    chunks.extend((0..s.output_tokens).map(|_| token.clone()));
     let mut last = format!("data: {}\n\n", chat_chunk(s, json!({}), Some("stop")));
     last.push_str("data: [DONE]\n\n");
     chunks.push(Bytes::from(last));
@@ -120,9 +120,8 @@ fn completion_stream(s: &Success<'_>) -> Vec<Bytes> {
         })
     };
     let mut chunks = vec![sse(&chunk("", None))];
-    for _ in 0..s.output_tokens {
-        chunks.push(sse(&chunk(TOKEN, None)));
-    }
+    let token = sse(&chunk(TOKEN, None));
+    chunks.extend((0..s.output_tokens).map(|_| token.clone()));
     chunks.push(Bytes::from(format!(
         "data: {}\n\ndata: [DONE]\n\n",
         chunk("", Some("stop"))
@@ -186,17 +185,11 @@ fn response_stream(s: &Success<'_>) -> Vec<Bytes> {
         json!({"type": "response.created", "sequence_number": next(), "response": response(s, false)}),
     )];
     for _ in 0..s.output_tokens {
-        chunks.push(event(
-            "response.output_text.delta",
-            json!({
-                "type": "response.output_text.delta",
-                "sequence_number": next(),
-                "item_id": format!("msg_sim{}", s.id),
-                "output_index": 0,
-                "content_index": 0,
-                "delta": TOKEN,
-            }),
-        ));
+        chunks.push(Bytes::from(format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{},\"item_id\":\"msg_sim{}\",\"output_index\":0,\"content_index\":0,\"delta\":\"{TOKEN}\"}}\n\n",
+            next(),
+            s.id
+        )));
     }
     chunks.push(event(
         "response.completed",

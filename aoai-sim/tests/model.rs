@@ -1,0 +1,697 @@
+//! One test per behaviour of the pure model, in virtual time.
+
+use std::time::{Duration, SystemTime};
+
+use aoai_sim::{Model, Scenario, SimBody, SimRequest, SimResponse, Verdict};
+use http::StatusCode;
+use tower_aoai::policy::classify::{Outcome, ThrottleCause, classify_response};
+use tower_aoai::policy::hints::delay_hint;
+
+const KEY: &str = "k";
+
+fn s(secs: f64) -> Duration {
+    Duration::from_secs_f64(secs)
+}
+
+fn model(toml: &str) -> Model {
+    Model::new(&Scenario::from_toml(toml).unwrap()).unwrap()
+}
+
+/// A chat body whose estimate is `prompt_chars / 4 + max_tokens`.
+fn body(prompt_chars: usize, max_tokens: u64, stream: bool) -> Vec<u8> {
+    serde_json::json!({
+        "messages": [{"role": "user", "content": "x".repeat(prompt_chars)}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn chat(resource: &str, deployment: &str, body: Vec<u8>) -> SimRequest {
+    SimRequest::chat(resource, deployment, KEY, body)
+}
+
+fn answer(r: &SimResponse) -> &aoai_sim::Answer {
+    r.answer().expect("an HTTP answer")
+}
+
+fn outcome(r: &SimResponse) -> Outcome {
+    let a = answer(r);
+    classify_response(
+        a.status,
+        &a.headers,
+        Some(&a.body.to_bytes()),
+        SystemTime::UNIX_EPOCH,
+    )
+    .outcome
+}
+
+fn message(r: &SimResponse) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&answer(r).body.to_bytes()).unwrap();
+    v["error"]["message"].as_str().unwrap().to_string()
+}
+
+fn one_deployment(extra: &str) -> String {
+    format!(
+        r#"
+        [[regions]]
+        name = "eastus2"
+        display_name = "East US 2"
+        latency = {{ first_token_ms = 100, per_token_ms = 10, error_ms = 5 }}
+        [[resources]]
+        name = "east"
+        region = "eastus2"
+        api_key = "{KEY}"
+        [[resources.deployments]]
+        name = "gpt-4o"
+        {extra}
+        "#
+    )
+}
+
+#[test]
+fn token_quota_is_a_one_minute_window_of_estimates() {
+    // Each request is estimated at 400 / 4 + 200 = 300 tokens; 1,000 TPM admits three.
+    let mut m = model(&one_deployment("tpm = 1000"));
+    let req = chat("east", "gpt-4o", body(400, 200, false));
+    for i in 0..3 {
+        assert_eq!(
+            m.handle(s(i as f64), &req).status(),
+            Some(200),
+            "request {i}"
+        );
+    }
+    let refused = m.handle(s(10.0), &req);
+    assert_eq!(refused.status(), Some(429));
+    assert_eq!(answer(&refused).verdict, Verdict::TokenRate);
+    assert_eq!(outcome(&refused), Outcome::Throttled(ThrottleCause::Quota));
+    assert!(message(&refused).contains("exceeded token rate limit"));
+    // The first charge (at 0 s) leaves the window at 60 s: the hint says about 50 s.
+    let hint = delay_hint(&answer(&refused).headers, SystemTime::UNIX_EPOCH).unwrap();
+    assert!(
+        hint.delay >= s(49.0) && hint.delay <= s(51.0),
+        "{:?}",
+        hint.delay
+    );
+    assert_eq!(m.handle(s(59.0), &req).status(), Some(429));
+    assert_eq!(m.handle(s(60.5), &req).status(), Some(200));
+}
+
+#[test]
+fn request_quota_is_checked_over_one_second_windows() {
+    // 120 RPM over 1 s windows: 2 requests per second, whatever the minute's total.
+    let mut m = model(&one_deployment(
+        "tpm = 1000000\nrpm = 120\nrpm_windows_s = [1]",
+    ));
+    let req = chat("east", "gpt-4o", body(4, 1, false));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(200));
+    assert_eq!(m.handle(s(0.1), &req).status(), Some(200));
+    let third = m.handle(s(0.2), &req);
+    assert_eq!(answer(&third).verdict, Verdict::CallRate);
+    assert!(message(&third).contains("exceeded call rate limit"));
+    assert_eq!(outcome(&third), Outcome::Throttled(ThrottleCause::Quota));
+    assert_eq!(m.handle(s(1.05), &req).status(), Some(200));
+}
+
+#[test]
+fn request_quota_is_checked_over_ten_second_windows() {
+    // 60 RPM over 10 s windows: 10 per 10 s; a burst of 12 at a low average gets 2 throttled.
+    let mut m = model(&one_deployment(
+        "tpm = 1000000\nrpm = 60\nrpm_windows_s = [10]",
+    ));
+    let req = chat("east", "gpt-4o", body(4, 1, false));
+    let statuses: Vec<_> = (0..12)
+        .map(|i| m.handle(s(f64::from(i) * 0.05), &req).status())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == Some(200)).count(), 10);
+    assert_eq!(statuses[10..], [Some(429), Some(429)]);
+    assert_eq!(m.handle(s(9.9), &req).status(), Some(429));
+    assert_eq!(m.handle(s(10.1), &req).status(), Some(200));
+}
+
+#[test]
+fn rpm_per_1000_tpm_ratio_sets_the_request_limit() {
+    // o1-like: 1 RPM per 6,000 TPM -> 60,000 TPM = 10 RPM -> 1 per 6 s in a 6 s window... use
+    // a 60 s window to see the whole minute.
+    let mut m = model(&one_deployment(
+        "tpm = 60000\nrpm_per_1000_tpm = 0.16667\nrpm_windows_s = [60]",
+    ));
+    let req = chat("east", "gpt-4o", body(4, 1, false));
+    let ok = (0..15)
+        .filter(|i| m.handle(s(f64::from(*i)), &req).status() == Some(200))
+        .count();
+    assert_eq!(ok, 10);
+}
+
+const CAPACITY: &str = r#"
+    [[regions]]
+    name = "eastus2"
+    latency = { first_token_ms = 1000, per_token_ms = 0, error_ms = 5 }
+    capacity = { max_concurrent = 2, max_per_second = 1000, retry_after_s = 20 }
+    [[regions]]
+    name = "swedencentral"
+    latency = { first_token_ms = 1000, per_token_ms = 0 }
+    [[resources]]
+    name = "east"
+    region = "eastus2"
+    api_key = "k"
+    [[resources.deployments]]
+    name = "gpt-4o"
+    tpm = 10000000
+    [[resources]]
+    name = "sweden"
+    region = "swedencentral"
+    api_key = "k"
+    [[resources.deployments]]
+    name = "gpt-4o"
+    tpm = 10000000
+    [[events]]
+    kind = "high_demand"
+    region = "eastus2"
+    start_s = 10
+    end_s = 20
+"#;
+
+#[test]
+fn capacity_throttling_follows_concurrent_load_and_the_timeline() {
+    let mut m = model(CAPACITY);
+    let req = chat("east", "gpt-4o", body(40, 10, false));
+    // Before the event: no capacity limit, 5 concurrent requests are fine.
+    for i in 0..5 {
+        assert_eq!(
+            m.handle(s(1.0 + f64::from(i) * 0.01), &req).status(),
+            Some(200)
+        );
+    }
+    // During it: 2 in flight is the limit; the third is refused with the peak-load 429.
+    assert_eq!(m.handle(s(10.0), &req).status(), Some(200));
+    assert_eq!(m.handle(s(10.1), &req).status(), Some(200));
+    let refused = m.handle(s(10.2), &req);
+    assert_eq!(answer(&refused).verdict, Verdict::Capacity);
+    assert_eq!(
+        outcome(&refused),
+        Outcome::Throttled(ThrottleCause::Capacity)
+    );
+    assert!(message(&refused).contains("high demand"));
+    assert!(message(&refused).contains("Please retry after 20 seconds"));
+    // The quota is untouched: another region with the same load is fine.
+    let sweden = chat("sweden", "gpt-4o", body(40, 10, false));
+    for i in 0..4 {
+        assert_eq!(
+            m.handle(s(10.3 + f64::from(i) * 0.01), &sweden).status(),
+            Some(200)
+        );
+    }
+    // Load is released when answers complete (1 s latency): room again at 11.1 s.
+    assert_eq!(m.handle(s(11.15), &req).status(), Some(200));
+    // After the event: no limit.
+    for i in 0..5 {
+        assert_eq!(
+            m.handle(s(20.0 + f64::from(i) * 0.01), &req).status(),
+            Some(200)
+        );
+    }
+}
+
+#[test]
+fn capacity_throttling_follows_burstiness() {
+    let mut m = model(&CAPACITY.replace(
+        "max_concurrent = 2, max_per_second = 1000",
+        "max_concurrent = 1000, max_per_second = 3, always = true",
+    ));
+    let req = chat("east", "gpt-4o", body(40, 10, false));
+    let statuses: Vec<_> = (0..5)
+        .map(|i| m.handle(s(f64::from(i) * 0.1), &req).status())
+        .collect();
+    assert_eq!(
+        statuses,
+        [Some(200), Some(200), Some(200), Some(429), Some(429)]
+    );
+    // Spread out, the same number of requests passes.
+    let mut m = model(&CAPACITY.replace(
+        "max_concurrent = 2, max_per_second = 1000",
+        "max_concurrent = 1000, max_per_second = 3, always = true",
+    ));
+    assert!((0..5).all(|i| m.handle(s(f64::from(i) * 0.5), &req).status() == Some(200)));
+}
+
+const PTU: &str = r#"
+    [[regions]]
+    name = "swedencentral"
+    latency = { first_token_ms = 100, per_token_ms = 0 }
+    [[resources]]
+    name = "ptu"
+    region = "swedencentral"
+    api_key = "k"
+    [[resources.deployments]]
+    name = "gpt-4o-ptu"
+    kind = "provisioned"
+    tpm = 6000
+    [[resources.deployments]]
+    name = "gpt-4o-spill"
+    kind = "provisioned"
+    tpm = 6000
+    spillover_to = "gpt-4o-std"
+    [[resources.deployments]]
+    name = "gpt-4o-std"
+    tpm = 1000000
+"#;
+
+#[test]
+fn provisioned_fails_fast_with_retry_after_ms_until_under_100_percent() {
+    // 6,000 TPM drains 100 tokens/s. Requests are admitted while utilisation is under 100 %.
+    let mut m = model(PTU);
+    let small = chat("ptu", "gpt-4o-ptu", body(0, 1000, false));
+    for i in 0..6 {
+        assert_eq!(m.handle(s(0.0), &small).status(), Some(200), "request {i}");
+    }
+    // Level 6,000: at 100 %, refused until it drains below.
+    let refused = m.handle(s(0.0), &small);
+    assert_eq!(answer(&refused).verdict, Verdict::Provisioned);
+    assert_eq!(m.handle(s(0.5), &small).status(), Some(200));
+
+    // One large request takes the bucket to 7,000 (116.7 %): over 100 % for 10 s.
+    let mut m = model(PTU);
+    let large = chat("ptu", "gpt-4o-ptu", body(0, 7000, false));
+    assert_eq!(m.handle(s(0.0), &large).status(), Some(200));
+    let refused = m.handle(s(0.0), &small);
+    let a = answer(&refused);
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        outcome(&refused),
+        Outcome::Throttled(ThrottleCause::Provisioned)
+    );
+    assert!(message(&refused).contains("provisioned deployment"));
+    assert_eq!(a.headers["retry-after-ms"], "10000");
+    assert_eq!(a.headers["azure-openai-deployment-utilization"], "116.7%");
+    assert!(a.timing.total <= s(0.1), "fails fast");
+    assert_eq!(m.handle(s(9.9), &small).status(), Some(429));
+    assert_eq!(m.handle(s(10.1), &small).status(), Some(200));
+}
+
+#[test]
+fn spillover_serves_from_the_standard_deployment_with_spillover_headers() {
+    let mut m = model(PTU);
+    let req = chat("ptu", "gpt-4o-spill", body(0, 3000, false));
+    let first = m.handle(s(0.0), &req);
+    assert_eq!(
+        answer(&first).headers["x-ms-deployment-name"],
+        "gpt-4o-spill"
+    );
+    m.handle(s(0.0), &req);
+    let spilled = m.handle(s(0.0), &req);
+    let a = answer(&spilled);
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.verdict, Verdict::Spilled);
+    assert_eq!(a.headers["x-ms-deployment-name"], "gpt-4o-std");
+    assert_eq!(a.headers["x-ms-spillover-from-deployment"], "gpt-4o-spill");
+    assert_eq!(a.headers["x-ms-spillover-error"], "429");
+    // The request header asks for spillover on a PTU deployment without the setting.
+    let mut m = model(PTU);
+    let mut req = chat("ptu", "gpt-4o-ptu", body(0, 7000, false));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(200));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(429));
+    req.spillover_deployment = Some("gpt-4o-std".to_string());
+    let spilled = m.handle(s(0.0), &req);
+    assert_eq!(
+        answer(&spilled).headers["x-ms-deployment-name"],
+        "gpt-4o-std"
+    );
+    assert_eq!(
+        m.stats().by_deployment["ptu/gpt-4o-std"].get(&200),
+        Some(&1)
+    );
+}
+
+const ABUSE: &str = r#"
+    [[regions]]
+    name = "eastus2"
+    display_name = "East US 2"
+    latency = { first_token_ms = 100, per_token_ms = 0 }
+    [[resources]]
+    name = "agent"
+    region = "eastus2"
+    api_key = "k"
+    abuse = { idle_s = 600, burst_requests = 5, burst_window_s = 10, block_s = 3600 }
+    [[resources.deployments]]
+    name = "a"
+    tpm = 10000000
+    [[resources.deployments]]
+    name = "b"
+    tpm = 10000000
+"#;
+
+#[test]
+fn idle_then_burst_blocks_the_whole_resource_until_the_block_expires() {
+    let mut m = model(ABUSE);
+    let a = chat("agent", "a", body(4, 1, false));
+    let b = chat("agent", "b", body(4, 1, false));
+    for i in 0..5 {
+        assert_eq!(m.handle(s(f64::from(i) * 0.1), &a).status(), Some(200));
+    }
+    let blocked = m.handle(s(0.6), &a);
+    assert_eq!(answer(&blocked).verdict, Verdict::Blocked);
+    assert_eq!(outcome(&blocked), Outcome::Blocked);
+    assert_eq!(
+        answer(&blocked).body.to_bytes(),
+        r#"{"error":{"code":"Forbidden","message":"Your resource has been temporarily blocked because we detected unusual behavior."}}"#
+    );
+    // The whole resource, every deployment, for the whole block.
+    assert_eq!(m.handle(s(1.0), &b).status(), Some(403));
+    assert_eq!(m.handle(s(3600.0), &b).status(), Some(403));
+    // Expired.
+    assert_eq!(m.handle(s(3600.7), &b).status(), Some(200));
+}
+
+#[test]
+fn steady_traffic_after_a_ramp_is_not_blocked() {
+    let mut m = model(ABUSE);
+    let a = chat("agent", "a", body(4, 1, false));
+    // 5 in the first 10 s after idle, then as many as we like: no longer "after idle".
+    for i in 0..5 {
+        assert_eq!(m.handle(s(f64::from(i) * 2.0), &a).status(), Some(200));
+    }
+    for i in 0..100 {
+        assert_eq!(
+            m.handle(s(10.5 + f64::from(i) * 0.01), &a).status(),
+            Some(200)
+        );
+    }
+}
+
+const OUTAGE: &str = r#"
+    [response]
+    output_tokens = 10
+    [[regions]]
+    name = "westeurope"
+    latency = { first_token_ms = 100, per_token_ms = 10 }
+    [[regions]]
+    name = "swedencentral"
+    [[resources]]
+    name = "west"
+    region = "westeurope"
+    api_key = "k"
+    [[resources.deployments]]
+    name = "gpt-4o"
+    tpm = 10000000
+    [[resources]]
+    name = "sweden"
+    region = "swedencentral"
+    api_key = "k"
+    [[resources.deployments]]
+    name = "gpt-4o"
+    tpm = 10000000
+    [[events]]
+    kind = "outage"
+    region = "westeurope"
+    mode = "refuse"
+    start_s = 10
+    end_s = 20
+    [[events]]
+    kind = "outage"
+    resource = "west"
+    mode = "reset"
+    start_s = 20
+    end_s = 30
+    [[events]]
+    kind = "outage"
+    region = "westeurope"
+    mode = "status"
+    status = 500
+    start_s = 30
+    end_s = 40
+"#;
+
+#[test]
+fn outages_refuse_reset_and_answer_errors_on_the_timeline() {
+    let mut m = model(OUTAGE);
+    let west = chat("west", "gpt-4o", body(40, 10, false));
+    let west_stream = chat("west", "gpt-4o", body(40, 10, true));
+    let sweden = chat("sweden", "gpt-4o", body(40, 10, false));
+    assert_eq!(m.handle(s(5.0), &west).status(), Some(200));
+    assert_eq!(m.handle(s(10.0), &west), SimResponse::Refused);
+    assert_eq!(m.handle(s(15.0), &sweden).status(), Some(200));
+    match m.handle(s(25.0), &west_stream) {
+        SimResponse::Reset {
+            answer,
+            after_chunks,
+            at,
+        } => {
+            let SimBody::Stream(chunks) = &answer.body else {
+                panic!("a stream")
+            };
+            assert!(after_chunks > 0 && after_chunks < chunks.len());
+            assert!(at > answer.timing.first_byte && at < answer.timing.total);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(matches!(
+        m.handle(s(25.0), &west),
+        SimResponse::Reset {
+            after_chunks: 0,
+            ..
+        }
+    ));
+    let failed = m.handle(s(35.0), &west);
+    assert_eq!(failed.status(), Some(500));
+    assert_eq!(answer(&failed).verdict, Verdict::Outage);
+    assert_eq!(m.handle(s(40.0), &west).status(), Some(200));
+}
+
+#[test]
+fn throttle_header_variance_is_a_seeded_setting() {
+    let throttled = |weights: &str, seed: u64| {
+        let mut m = model(&format!(
+            "seed = {seed}\n[throttle_headers]\n{weights}\n{}",
+            one_deployment("tpm = 100\nrpm = 6000\nrpm_windows_s = [1]")
+        ));
+        let req = chat("east", "gpt-4o", body(0, 100, false));
+        m.handle(s(0.0), &req);
+        (0..200)
+            .map(|_| answer(&m.handle(s(1.0), &req)).headers.clone())
+            .collect::<Vec<_>>()
+    };
+    // Only "none": no delay header at all, and without limits no limit headers.
+    for h in throttled("both = 0\nnone = 1\nlimits = false", 1) {
+        for name in [
+            "retry-after",
+            "retry-after-ms",
+            "x-ratelimit-reset-tokens",
+            "x-ratelimit-limit-tokens",
+        ] {
+            assert!(!h.contains_key(name), "{name}");
+        }
+    }
+    // Only the reset headers, as Go durations.
+    for h in throttled("both = 0\nreset = 1", 1) {
+        assert!(!h.contains_key("retry-after"));
+        assert!(
+            h["x-ratelimit-reset-tokens"]
+                .to_str()
+                .unwrap()
+                .ends_with("ms")
+        );
+        assert!(h.contains_key("x-ratelimit-limit-tokens"));
+        assert!(h.contains_key("x-ratelimit-remaining-tokens"));
+    }
+    // A mix: every style shows up, and the same seed gives the same sequence.
+    let mix = "both = 1\nretry_after_ms = 1\nretry_after = 1\nreset = 1\nnone = 1";
+    let styles = |hs: &[http::HeaderMap]| {
+        hs.iter()
+            .map(|h| {
+                (
+                    h.contains_key("retry-after-ms"),
+                    h.contains_key("retry-after"),
+                    h.contains_key("x-ratelimit-reset-requests"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = styles(&throttled(mix, 7));
+    assert_eq!(a, styles(&throttled(mix, 7)));
+    assert_ne!(a, styles(&throttled(mix, 8)));
+    for style in [
+        (true, true, false),
+        (true, false, false),
+        (false, true, false),
+        (false, false, true),
+        (false, false, false),
+    ] {
+        let n = a.iter().filter(|s| **s == style).count();
+        assert!((20..=60).contains(&n), "{style:?} seen {n} times of 200");
+    }
+}
+
+#[test]
+fn every_response_carries_ids_region_and_deployment() {
+    let mut m = model(&one_deployment("tpm = 100"));
+    let ok = chat("east", "gpt-4o", body(0, 60, false));
+    let mut bad_key = ok.clone();
+    bad_key.api_key = Some("wrong".into());
+    let responses = [
+        m.handle(s(0.0), &ok),
+        m.handle(s(0.0), &ok),
+        m.handle(s(0.0), &chat("east", "nope", body(0, 1, false))),
+        m.handle(s(0.0), &bad_key),
+    ];
+    let statuses: Vec<_> = responses.iter().map(SimResponse::status).collect();
+    assert_eq!(statuses, [Some(200), Some(429), Some(404), Some(401)]);
+    let mut ids = std::collections::HashSet::new();
+    for r in &responses {
+        let h = &answer(r).headers;
+        let id = h["apim-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 36);
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert!(ids.insert(id), "ids are unique");
+        assert_eq!(h["x-ms-region"], "East US 2");
+        assert!(h.contains_key("x-ms-deployment-name"));
+    }
+    assert_eq!(
+        answer(&responses[0]).headers["x-ms-deployment-name"],
+        "gpt-4o"
+    );
+    assert_eq!(
+        answer(&responses[0]).headers["x-ratelimit-remaining-tokens"],
+        "40"
+    );
+}
+
+#[test]
+fn error_bodies_are_the_real_texts_and_classify_correctly() {
+    let mut m = model(&one_deployment("tpm = 100\nrpm = 60\nrpm_windows_s = [1]"));
+    let req = chat("east", "gpt-4o", body(0, 100, false));
+    m.handle(s(0.0), &req);
+    let call_rate = m.handle(s(0.5), &req);
+    let token_rate = m.handle(s(1.5), &req);
+    assert_eq!(
+        message(&call_rate),
+        "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after 1 second. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
+    );
+    assert_eq!(
+        message(&token_rate),
+        "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 59 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&answer(&token_rate).body.to_bytes()).unwrap();
+    assert_eq!(v["error"]["code"], "429");
+    assert_eq!(
+        outcome(&call_rate),
+        Outcome::Throttled(ThrottleCause::Quota)
+    );
+    assert_eq!(
+        outcome(&token_rate),
+        Outcome::Throttled(ThrottleCause::Quota)
+    );
+
+    let mut m = model(&CAPACITY.replace("max_concurrent = 2", "max_concurrent = 0, always = true"));
+    let peak = m.handle(s(0.0), &chat("east", "gpt-4o", body(4, 1, false)));
+    assert_eq!(
+        message(&peak),
+        "The system is currently experiencing high demand and cannot process your request. Your request exceeds the maximum usage size allowed during peak load. Please retry after 20 seconds. For improved latency reliability, consider switching to Provisioned Throughput."
+    );
+    assert_eq!(outcome(&peak), Outcome::Throttled(ThrottleCause::Capacity));
+
+    let mut m = model(PTU);
+    let req = chat("ptu", "gpt-4o-ptu", body(0, 7000, false));
+    m.handle(s(0.0), &req);
+    let ptu = m.handle(s(0.0), &req);
+    assert_eq!(
+        outcome(&ptu),
+        Outcome::Throttled(ThrottleCause::Provisioned)
+    );
+    // Even without the utilisation header, the default message says "provisioned deployment".
+    let mut m = model(&PTU.replacen(
+        "tpm = 6000\n",
+        "tpm = 6000\n    utilization_header = false\n",
+        1,
+    ));
+    m.handle(s(0.0), &req);
+    let ptu = m.handle(s(0.0), &req);
+    assert!(
+        !answer(&ptu)
+            .headers
+            .contains_key("azure-openai-deployment-utilization")
+    );
+    assert_eq!(
+        outcome(&ptu),
+        Outcome::Throttled(ThrottleCause::Provisioned)
+    );
+}
+
+#[test]
+fn streaming_is_sse_chunks_ending_with_done_paced_by_the_latency_model() {
+    let mut m = model(&format!(
+        "[response]\noutput_tokens = 5\n{}",
+        one_deployment("tpm = 100000")
+    ));
+    let r = m.handle(s(0.0), &chat("east", "gpt-4o", body(40, 100, true)));
+    let a = answer(&r);
+    assert_eq!(
+        a.headers["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let SimBody::Stream(chunks) = &a.body else {
+        panic!("a stream")
+    };
+    // A role chunk, 5 token chunks, a finish chunk with [DONE].
+    assert_eq!(chunks.len(), 7);
+    let text = String::from_utf8(a.body.to_bytes().to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 8);
+    let mut content = String::new();
+    for e in &events[..7] {
+        let json: serde_json::Value =
+            serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(json["object"], "chat.completion.chunk");
+        content.push_str(
+            json["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or(""),
+        );
+    }
+    assert_eq!(content, "sim sim sim sim sim ");
+    assert_eq!(a.timing.first_byte, s(0.1));
+    assert_eq!(a.timing.per_chunk, s(0.01));
+    assert_eq!(a.timing.total, s(0.16));
+    // Not streamed: one JSON body at first token + 5 tokens.
+    let r = m.handle(s(0.0), &chat("east", "gpt-4o", body(40, 3, false)));
+    let a = answer(&r);
+    let json: serde_json::Value = serde_json::from_slice(&a.body.to_bytes()).unwrap();
+    assert_eq!(json["choices"][0]["message"]["content"], "sim sim sim ");
+    assert_eq!(json["usage"]["completion_tokens"], 3);
+    assert_eq!(a.timing.total, s(0.13));
+}
+
+#[test]
+fn auth_needs_the_resource_key() {
+    let mut m = model(&one_deployment("tpm = 100000"));
+    let mut req = chat("east", "gpt-4o", body(4, 1, false));
+    req.api_key = None;
+    let r = m.handle(s(0.0), &req);
+    assert_eq!(r.status(), Some(401));
+    assert!(message(&r).starts_with("Access denied due to invalid subscription key"));
+    req.api_key = Some("other".into());
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(401));
+    req.api_key = Some(KEY.into());
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(200));
+    assert_eq!(m.stats().status_count(401), 2);
+}
+
+#[test]
+fn time_scale_compresses_the_delays_clients_are_told() {
+    let mut m = model(&one_deployment(
+        "tpm = 1000000\nrpm = 60\nrpm_windows_s = [10]",
+    ));
+    m.set_time_scale(10.0);
+    let req = chat("east", "gpt-4o", body(4, 1, false));
+    for _ in 0..10 {
+        m.handle(s(0.0), &req);
+    }
+    let r = m.handle(s(0.0), &req);
+    // 10 s of virtual time is 1 s of real time.
+    assert_eq!(answer(&r).headers["retry-after-ms"], "1000");
+    assert_eq!(answer(&r).headers["retry-after"], "1");
+    assert!(message(&r).contains("Please retry after 1 second."));
+}
