@@ -1,10 +1,13 @@
 //! Routing figures on the simulator: single backend vs. failover without hedging vs. failover
 //! with hedging, over four scenarios (regional capacity throttling with a second region,
-//! provisioned plus spillover, a regional outage, one region slow).
+//! provisioned plus spillover, a regional outage, one region slow) and a fifth where every
+//! region's latency is heavy-tailed (where hedging, rather than routing, cuts the tail).
 //!
 //! ```text
 //! cargo run -p aoai-sim --example router_table
 //! ```
+//!
+//! (`ROUTER_TABLE_DEBUG=1` also prints each hedged run's full report and router counters.)
 //!
 //! Every client runs tower-aoai's own cores in virtual time: the single backend is the retry core
 //! (`RetryPolicy` + `RetryBudget`) on the first target; the routed clients put the same retry
@@ -175,6 +178,42 @@ kind = "poisson"
 rate_per_s = 5
 "#
             ),
+            vec![0, 0],
+        ),
+        (
+            "heavy-tailed latency",
+            r#"
+seed = 7
+[[regions]]
+name = "eastus2"
+latency = { first_token_ms = 300, per_token_ms = 10, jitter = 0.9 }
+[[regions]]
+name = "swedencentral"
+latency = { first_token_ms = 350, per_token_ms = 10, jitter = 0.9 }
+[[resources]]
+name = "east"
+region = "eastus2"
+api_key = "ke"
+[[resources.deployments]]
+name = "gpt-4o"
+tpm = 2000000
+rpm = 12000
+[[resources]]
+name = "west"
+region = "swedencentral"
+api_key = "kw"
+[[resources.deployments]]
+name = "gpt-4o"
+tpm = 2000000
+rpm = 12000
+[workload]
+duration_s = 300
+targets = ["east/gpt-4o", "west/gpt-4o"]
+[[workload.arrivals]]
+kind = "poisson"
+rate_per_s = 5
+"#
+            .to_owned(),
             vec![0, 0],
         ),
     ]
@@ -447,6 +486,9 @@ fn main() {
         let mut hedged = RoutedClient::new(&tiers, true, 1);
         let report = driver::run(&scenario, &mut hedged).expect("run");
         let stats = hedged.router.stats();
+        if std::env::var_os("ROUTER_TABLE_DEBUG").is_some() {
+            eprintln!("{name}: {report}\n{stats:?}");
+        }
         row(
             name,
             "failover + hedging",

@@ -186,7 +186,7 @@ where
             }
         };
         let first = send(&services, &shared, &mut call, primary, &parts, &body)?;
-        let hedge_after = shared.lock().router.hedge_delay(&call, primary);
+        let hedge_after = shared.lock().router.hedge_delay(&call, primary, now());
         let f = match hedge_after {
             None => first.await,
             Some(after) => {

@@ -399,9 +399,7 @@ impl Backends {
             }
         }
         let new_body = match (&backend.deployment, body) {
-            (Some(deployment), Some(body)) if names_model => {
-                replace_model(body, deployment)
-            }
+            (Some(deployment), Some(body)) if names_model => replace_model(body, deployment),
             _ => None,
         };
         if let Some(b) = &new_body

@@ -23,14 +23,15 @@ pub struct BreakerPolicy {
 }
 
 impl Default for BreakerPolicy {
-    /// Opens at >= 50 % failures among >= 5 results of the last 60 s; open 30 s, at most 5 min.
+    /// Opens at >= 50 % failures among >= 5 results of the last 60 s; open 30 s, doubling on each
+    /// failed probe up to 2 min.
     fn default() -> Self {
         Self {
             window: Duration::from_secs(60),
             min_calls: 5,
             failure_ratio: 0.5,
             open_for: Duration::from_secs(30),
-            max_open_for: Duration::from_secs(300),
+            max_open_for: Duration::from_secs(120),
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Each backend keeps a fixed-size log-linear histogram of its time to response headers (time to
 //! first byte for streams), four buckets per doubling from 1 ms to ~2 min, halved whenever it
-//! holds [`DECAY_AT`] samples so it follows the present. A hedge is sent after the primary
+//! holds [`DECAY_AT`] samples (and by the router every 30 s) so it follows the present. A hedge is sent after the primary
 //! backend's percentile (default p95), once it has `min_samples`, while the hedge budget (a
 //! [`RetryBudget`](crate::policy::RetryBudget) at `ratio` of calls, default 5 %) allows.
 
@@ -37,14 +37,19 @@ impl LatencyHistogram {
     /// Adds a sample.
     pub fn record(&mut self, latency: Duration) {
         if self.total >= DECAY_AT {
-            self.total = 0;
-            for c in &mut self.counts {
-                *c /= 2;
-                self.total += *c;
-            }
+            self.decay();
         }
         self.counts[bucket(latency)] += 1;
         self.total += 1;
+    }
+
+    /// Halves every count, so older samples weigh half as much as the ones that follow.
+    pub fn decay(&mut self) {
+        self.total = 0;
+        for c in &mut self.counts {
+            *c /= 2;
+            self.total += *c;
+        }
     }
 
     /// Samples held (recent ones weigh more after a decay).

@@ -213,13 +213,25 @@ pub struct RouteStats {
     pub waits: u64,
 }
 
+/// How often a backend's latency histogram is halved, so a backend that was slow (and so gets
+/// little traffic) is judged on its recent answers soon after it recovers.
+const LATENCY_HALF_LIFE: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 struct BackendState {
     cooldown_until: Option<Instant>,
     breaker: Breaker,
     in_flight: u32,
     latency: LatencyHistogram,
+    decayed_at: Option<Instant>,
+    /// Exponentially weighted mean latency of recent successes, in seconds (for the choice).
+    recent: Option<f64>,
 }
+
+/// Weight of the newest success in a backend's recent latency.
+const RECENT_WEIGHT: f64 = 0.2;
+/// Share of choices made by weight alone, ignoring load and latency.
+const EXPLORE: f64 = 0.02;
 
 #[derive(Debug, Clone)]
 struct ResourceBlock {
@@ -276,6 +288,8 @@ impl Router {
                 breaker: Breaker::new(),
                 in_flight: 0,
                 latency: LatencyHistogram::default(),
+                decayed_at: None,
+                recent: None,
             })
             .collect();
         let blocks = vec![None; backends.resource_count()];
@@ -435,9 +449,23 @@ impl Router {
         let Some(second) = self.weighted(&pool, Some(first), rng) else {
             return Some(first);
         };
-        let score =
-            |id: BackendId| headroom(id).max(0.0) / (1.0 + f64::from(self.state[id.0].in_flight));
-        Some(if score(second) > score(first) {
+        // A small share of plain weighted draws keeps every backend's latency record fresh, so
+        // a backend that was slow is seen when it recovers.
+        if rng.f64() < EXPLORE {
+            return Some(first);
+        }
+        // Headroom over load and over the square of recent latency, when both have a record:
+        // a slow region loses its traffic before its queue grows (in-flight load alone already
+        // grows with latency; the square makes the shift decisive).
+        let recent = |id: BackendId| self.state[id.0].recent.map(|r| r.max(0.001));
+        let latency = match (recent(first), recent(second)) {
+            (Some(a), Some(b)) => [a * a, b * b],
+            _ => [1.0, 1.0],
+        };
+        let score = |id: BackendId, latency: f64| {
+            headroom(id).max(0.0) / ((1.0 + f64::from(self.state[id.0].in_flight)) * latency)
+        };
+        Some(if score(second, latency[1]) > score(first, latency[0]) {
             second
         } else {
             first
@@ -528,7 +556,14 @@ impl Router {
                 return Step::FailOver;
             }
             Outcome::Success => {
+                let since = *s.decayed_at.get_or_insert(now);
+                if now.saturating_duration_since(since) >= LATENCY_HALF_LIFE {
+                    s.latency.decay();
+                    s.decayed_at = Some(now);
+                }
                 s.latency.record(latency);
+                let secs = latency.as_secs_f64();
+                s.recent = Some(s.recent.map_or(secs, |r| r + RECENT_WEIGHT * (secs - r)));
                 s.breaker.on_result(&self.policy.breaker, false, now);
             }
             _ => s.breaker.on_result(&self.policy.breaker, failed, now),
@@ -571,12 +606,26 @@ impl Router {
         });
     }
 
-    /// How long to let the attempt to `primary` run before hedging it, if it is hedged at all.
-    pub fn hedge_delay(&self, call: &RouteCall, primary: BackendId) -> Option<Duration> {
+    /// How long to let the attempt to `primary` run before hedging it, if it is hedged at all:
+    /// the primary's hedge quantile (p95), or the fastest other usable backend's when that is
+    /// shorter (a backend that is slow throughout would otherwise never look late).
+    pub fn hedge_delay(
+        &self,
+        call: &RouteCall,
+        primary: BackendId,
+        now: Instant,
+    ) -> Option<Duration> {
         if call.hedged {
             return None;
         }
-        self.policy.hedge.delay(&self.state[primary.0].latency)
+        let own = self.policy.hedge.delay(&self.state[primary.0].latency)?;
+        let other = self
+            .backends
+            .ids()
+            .filter(|&id| id != primary && self.availability(id, now) == Availability::Usable)
+            .filter_map(|id| self.policy.hedge.delay(&self.state[id.0].latency))
+            .min();
+        Some(other.map_or(own, |o| o.min(own)))
     }
 
     /// Chooses a *different* usable backend with room for a hedge of the attempt to `primary`,
@@ -877,7 +926,10 @@ mod tests {
             let Pick::Send(b) = r.pick(&c, t0, ROOM, &mut rng) else {
                 panic!()
             };
-            assert_eq!(r.hedge_delay(&c, b).is_some(), r.latency(b).count() >= 20);
+            assert_eq!(
+                r.hedge_delay(&c, b, t0).is_some(),
+                r.latency(b).count() >= 20
+            );
             r.on_send(&mut c, b, t0);
             r.on_response(
                 b,
@@ -888,10 +940,10 @@ mod tests {
             );
         }
         let mut c = r.start(t0, None);
-        assert!(r.hedge_delay(&c, id(0)).unwrap() >= Duration::from_millis(150));
+        assert!(r.hedge_delay(&c, id(0), t0).unwrap() >= Duration::from_millis(150));
         r.on_send(&mut c, id(0), t0);
         assert_eq!(r.pick_hedge(&mut c, id(0), t0, ROOM, &mut rng), Some(id(1)));
-        assert_eq!(r.hedge_delay(&c, id(0)), None, "one hedge per call");
+        assert_eq!(r.hedge_delay(&c, id(0), t0), None, "one hedge per call");
         // The budget: 101 calls at 5 % buy 5 hedges in the window.
         let mut hedges = 1;
         for _ in 0..20 {
