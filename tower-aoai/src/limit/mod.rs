@@ -5,15 +5,17 @@
 //! the backend's [`AdaptiveLimit`](crate::policy::AdaptiveLimit) (slow start, one multiplicative
 //! cut per throttling episode, decay after idle), then for the backend's
 //! [`Pacer`](crate::policy::Pacer) (requests and estimated tokens spaced by GCRA, and held while a
-//! server hint says wait). After it, it classifies the response from its status and headers alone
-//! (the body is never read) and feeds the outcome to the limit and the rate-limit headers to the
-//! pacer.
+//! server hint says wait). After it, it classifies the response from its status and headers (and,
+//! for a 429 only, the start of its error body, which says whether the cause is the quota or
+//! regional capacity; it is handed on whole) and feeds the outcome to the limit and the rate-limit
+//! headers to the pacer. A success body is never read.
 //!
 //! - A **success** keeps its permit until its body ends or is dropped: a streaming response holds
 //!   its slot for as long as the stream runs, since that is what the service is working on.
 //! - A **failure** (429, 503, ...) gives its permit back as soon as its headers arrive; a throttle
-//!   cuts the limit at once (once per episode) and its `retry-after` holds every send to the
-//!   backend.
+//!   cuts the limit at once (once per episode). A quota, provisioned or unexplained 429's
+//!   `retry-after` holds every send to the backend; a regional-capacity 429 or a 503 holds no one
+//!   (the cut answers it, see [`Pacer::on_throttle`](crate::policy::Pacer::on_throttle)).
 //! - A call that cannot wait gets a typed [`Overloaded`] error and nothing is sent: the queue is
 //!   full, it waited the whole queue timeout, or waiting longer would pass its
 //!   [`Deadline`](crate::retry::Deadline). It never hangs.

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Buf;
-use http::{Request, Response};
+use bytes::{Buf, Bytes};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::Notify;
@@ -19,7 +19,7 @@ use super::future::ResponseFuture;
 use super::layer::{AdaptiveConcurrencyLayer, Settings};
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
-use crate::retry::Deadline;
+use crate::retry::{Deadline, RetryBody, read_error_body};
 
 /// Bodies larger than this are not read to estimate their tokens (the estimate then assumes the
 /// default completion budget and no prompt).
@@ -230,9 +230,10 @@ where
     S::Future: Send + 'static,
     B: Body + Clone + Send + 'static,
     B::Data: Buf + Send,
-    ResBody: Body + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<LimitBody<ResBody>>;
+    type Response = Response<LimitBody<RetryBody<ResBody>>>;
     type Error = BoxError;
     type Future = ResponseFuture<Self::Response>;
 
@@ -256,16 +257,18 @@ async fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,
     req: Request<B>,
-) -> Result<Response<LimitBody<ResBody>>, BoxError>
+) -> Result<Response<LimitBody<RetryBody<ResBody>>>, BoxError>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     B: Body + Clone,
     B::Data: Buf,
-    ResBody: Body,
+    ResBody: Body<Data = Bytes> + Unpin,
+    ResBody::Error: Into<BoxError>,
 {
     let tokens = estimate(&shared, &req);
     let start = now();
+    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
     let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
     let mut guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
     pace(&shared, tokens, limit_at, reason_at_limit).await?;
@@ -285,17 +288,45 @@ where
         }
     };
     let at = now();
-    let class = classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
+    // A 429's cause decides whether every send waits (a quota) or not (regional capacity), and
+    // only its body says which: its start is read (as the retry layer does) and replayed.
+    let (parts, body) = res.into_parts();
+    let (res, class) = if parts.status == StatusCode::TOO_MANY_REQUESTS {
+        let remaining = deadline.map(|d| d.saturating_duration_since(at));
+        match read_error_body(body, remaining).await {
+            Ok((prefix, body)) => {
+                let class = classify::classify_response(
+                    parts.status,
+                    &parts.headers,
+                    Some(&prefix),
+                    SystemTime::now(),
+                );
+                (Response::from_parts(parts, body), class)
+            }
+            Err(e) => {
+                guard.finish(Outcome::Transient(TransientKind::Connect));
+                return Err(e);
+            }
+        }
+    } else {
+        let class =
+            classify::classify_response(parts.status, &parts.headers, None, SystemTime::now());
+        (
+            Response::from_parts(parts, RetryBody::passthrough(body)),
+            class,
+        )
+    };
     {
         let mut state = shared.lock();
         state
             .pacer
             .on_response_to(at, guard.sent_at(at), res.headers());
         if class.outcome.is_throttle()
-            && let Some(hint) = class.hint
+            && let Some(until) =
+                state
+                    .pacer
+                    .on_throttle(at, class.outcome, class.hint.map(|h| h.delay))
         {
-            state.pacer.hold(at, hint.delay);
-            let until = at + hint.delay.min(state.pacer.config().max_hold());
             state.limit.on_server_hold(until);
         }
     }

@@ -19,7 +19,7 @@ use tower_test::mock::{self, Mock};
 
 use super::*;
 use crate::policy::{LimitConfig, PacingConfig};
-use crate::retry::Deadline;
+use crate::retry::{Deadline, RetryBody};
 
 /// A response body fed by a channel: it ends when the sender is dropped.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ impl Body for TestBody {
 type Req = Request<Full<Bytes>>;
 type Res = Response<TestBody>;
 type Svc = AdaptiveConcurrency<Mock<Req, Res>>;
-type Call = JoinHandle<Result<Response<LimitBody<TestBody>>, BoxError>>;
+type Call = JoinHandle<Result<Response<LimitBody<RetryBody<TestBody>>>, BoxError>>;
 
 fn stream() -> (mpsc::UnboundedSender<Bytes>, TestBody) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -96,7 +96,9 @@ async fn settle() {
     }
 }
 
-fn overloaded(result: Result<Response<LimitBody<TestBody>>, BoxError>) -> OverloadReason {
+fn overloaded(
+    result: Result<Response<LimitBody<RetryBody<TestBody>>>, BoxError>,
+) -> OverloadReason {
     match result {
         Ok(res) => panic!("expected Overloaded, got a response {}", res.status()),
         Err(e) => {
@@ -402,4 +404,57 @@ fn bad_queue_settings_name_the_field() {
     let err = AdaptiveConcurrencyLayer::new(LimitConfig::new().with_min(0), PacingConfig::new())
         .unwrap_err();
     assert_eq!(err.field(), "limit.min");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capacity_throttle_cuts_but_holds_no_one() {
+    const PEAK: &[u8] = br#"{"error":{"code":"429","message":"The system is currently experiencing high demand and cannot process your request. Your request exceeds the maximum usage size allowed during peak load. Please retry after 20 seconds."}}"#;
+    let (mut svc, mut handle) = service(
+        LimitConfig::new().with_initial(8),
+        PacingConfig::new(),
+        8,
+        Duration::from_secs(60),
+    );
+    let limiter = svc.handle();
+    let a = call(&mut svc, request(b"{}")).await;
+    let (_, send) = handle.next_request().await.unwrap();
+    let (tx, res) = respond(429, &[("retry-after", "20")]);
+    tx.send(Bytes::from_static(PEAK)).unwrap();
+    drop(tx);
+    send.send_response(res);
+    let res = a.await.unwrap().unwrap();
+    // The body read to classify it is handed on whole.
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], PEAK);
+    let snap = limiter.snapshot();
+    assert_eq!((snap.cuts, snap.held_for), (1, None));
+    let started = Instant::now();
+    let _b = call(&mut svc, request(b"{}")).await;
+    assert!(handle.next_request().await.is_some());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_retry_layer_every_attempt_is_measured() {
+    let (mock, mut handle) = mock::pair::<Req, Res>();
+    let limit =
+        AdaptiveConcurrencyLayer::new(LimitConfig::new().with_initial(8), PacingConfig::new())
+            .unwrap()
+            .layer(mock);
+    let limiter = limit.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(crate::RetryLayer::default().with_seed(7))
+        .service(limit);
+    let call = tokio::spawn(svc.oneshot(request(b"{}")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(respond(429, &[("retry-after-ms", "500")]).1);
+    let (_, send) = handle.next_request().await.unwrap();
+    let (tx, res) = respond(200, &[]);
+    drop(tx);
+    send.send_response(res);
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    let snap = limiter.snapshot();
+    assert_eq!((snap.cuts, snap.in_flight), (1, 0));
 }

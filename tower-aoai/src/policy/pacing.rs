@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use super::ConfigError;
+use super::classify::{Outcome, ThrottleCause};
 use super::hints;
 
 /// The most one request may charge the token bucket, as a share of a minute's quota: a request
@@ -436,7 +437,10 @@ impl Pacer {
         if let Some(g) = &self.tokens {
             wait = wait.max(g.wait(now));
         }
+        // Once the request rate is known, its spacing is the authority: at that pace `remaining`
+        // reads 0 at the end of every window, which is the limit, not past it.
         if let Some(r) = self.remaining_requests
+            && self.requests.is_none()
             && now < r.expires_at
             && r.left < 1.0
         {
@@ -476,6 +480,29 @@ impl Pacer {
             }
         }
         Ok(())
+    }
+
+    /// Applies a throttle's delay hint: for a quota, provisioned or unexplained throttle every send
+    /// waits (the hint is the time until the shared window or bucket has room, and the calls that
+    /// did not see the 429 would walk into the next one); for a regional capacity throttle or a
+    /// 503, nothing is held (that overload follows concurrency, which the limit's cut already
+    /// lowered, and its hint is a generic "retry after N seconds" for that one call). Returns the
+    /// end of the hold, if there is one.
+    pub fn on_throttle(
+        &mut self,
+        now: Instant,
+        outcome: Outcome,
+        hint: Option<Duration>,
+    ) -> Option<Instant> {
+        let holds_all = matches!(
+            outcome,
+            Outcome::Throttled(
+                ThrottleCause::Quota | ThrottleCause::Provisioned | ThrottleCause::Unknown
+            )
+        );
+        let delay = hint.filter(|_| holds_all)?;
+        self.hold(now, delay);
+        self.held_until(now)
     }
 
     /// Holds every send until `now + delay` (at most `max_hold`): the server asked to wait.
@@ -620,6 +647,7 @@ fn header_count_or_zero(headers: &HeaderMap, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::classify::TransientKind;
     use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -844,6 +872,37 @@ mod tests {
         // A daily quota's hint holds for max_hold only.
         p.hold(t0, Duration::from_secs(86_400));
         assert_eq!(p.check(t0, 1), Err(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn only_shared_window_throttles_hold_everyone() {
+        let mut p = Pacer::default();
+        let t0 = Instant::now();
+        let six = Some(Duration::from_secs(6));
+        let capacity = Outcome::Throttled(ThrottleCause::Capacity);
+        assert_eq!(p.on_throttle(t0, capacity, six), None);
+        let overloaded = Outcome::Transient(TransientKind::Overloaded);
+        assert_eq!(p.on_throttle(t0, overloaded, six), None);
+        assert_eq!(p.check(t0, 1), Ok(()));
+        let quota = Outcome::Throttled(ThrottleCause::Quota);
+        assert_eq!(p.on_throttle(t0, quota, None), None);
+        assert_eq!(
+            p.on_throttle(t0, quota, six),
+            Some(t0 + Duration::from_secs(6))
+        );
+        assert_eq!(p.check(t0, 1), Err(Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn a_known_rate_overrides_remaining_zero() {
+        let cfg = PacingConfig::new()
+            .with_requests_per_minute(Some(600.0))
+            .with_safety(1.0);
+        let mut p = Pacer::new(cfg).unwrap();
+        let t0 = Instant::now();
+        p.on_response(t0, &headers(&[("x-ratelimit-remaining-requests", "0")]));
+        assert_eq!(p.check(t0, 1), Ok(()));
+        assert_eq!(p.check(t0, 1), Err(Duration::from_millis(100)));
     }
 
     #[test]
