@@ -1,0 +1,195 @@
+//! `aoai-bench`: the Rust side of tower-aoai's benchmarks.
+//!
+//! - `schedule`: a scenario's workload (arrivals, targets, body) and its capacity lower bound as
+//!   JSON, so every contender of `bench/goodput.py` runs the same calls.
+//! - `goodput`: runs that workload through tower-aoai's full Rust stack over a hyper client
+//!   against a running simulator; prints per-call results as JSON.
+//! - `overhead`: a bare hyper client against tower-aoai's layers over the same client, on
+//!   loopback against a zero-latency server, in one run; prints a table (or JSON).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod goodput;
+mod overhead;
+mod schedule;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use aoai_sim::Scenario;
+use clap::{Parser, Subcommand};
+
+use crate::schedule::Schedule;
+
+#[derive(Parser)]
+#[command(name = "aoai-bench", about = "tower-aoai benchmarks", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a scenario's workload and lower bound as JSON.
+    Schedule {
+        /// The scenario file (TOML).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Keep only the first this many virtual seconds of arrivals.
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+    /// Run a scenario's workload through the full Rust stack against a running simulator.
+    Goodput {
+        /// The scenario file (TOML) the simulator serves.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// The simulator's base URL (`listening on ...`).
+        #[arg(long)]
+        server: String,
+        /// The simulator's `--time-scale`.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Keep only the first this many virtual seconds of arrivals.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// The longest one call may take, in real seconds.
+        #[arg(long, default_value_t = 300.0)]
+        call_timeout: f64,
+        /// Seeds the stack's random choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Per-request overhead of the layers against a bare hyper client, on loopback.
+    Overhead {
+        /// Requests per variant per round.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Interleaved rounds (the median counts).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Concurrent callers (several values run one after the other).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load(path: &PathBuf, duration: Option<f64>) -> Result<Schedule, String> {
+    let scenario = Scenario::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Schedule::from_scenario(&scenario, duration)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aoai-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Schedule { scenario, duration } => {
+            let schedule = load(&scenario, duration)?;
+            println!("{}", schedule.to_json());
+        }
+        Command::Goodput {
+            scenario,
+            server,
+            time_scale,
+            duration,
+            call_timeout,
+            seed,
+        } => {
+            if !(time_scale.is_finite() && time_scale > 0.0) {
+                return Err(format!("--time-scale must be positive, got {time_scale}"));
+            }
+            if !(call_timeout.is_finite() && call_timeout > 0.0 && call_timeout < 86_400.0) {
+                return Err(format!(
+                    "--call-timeout must be in (0, 86400), got {call_timeout}"
+                ));
+            }
+            let schedule = load(&scenario, duration)?;
+            let options = goodput::Options {
+                server,
+                time_scale,
+                call_timeout: Duration::from_secs_f64(call_timeout),
+                seed,
+            };
+            let result = runtime()?
+                .block_on(goodput::run(&schedule, &options))
+                .map_err(|e| format!("goodput: {e}"))?;
+            println!("{result}");
+        }
+        Command::Overhead {
+            requests,
+            rounds,
+            concurrency,
+            json,
+        } => {
+            if requests == 0 || rounds == 0 || concurrency.iter().any(|c| *c == 0 || *c > 1024) {
+                return Err(
+                    "--requests, --rounds and --concurrency must be positive (concurrency <= 1024)"
+                        .into(),
+                );
+            }
+            let rt = runtime()?;
+            let mut runs = Vec::new();
+            for c in concurrency {
+                let options = overhead::Options {
+                    requests,
+                    rounds,
+                    concurrency: c,
+                };
+                runs.push(
+                    rt.block_on(overhead::run(options))
+                        .map_err(|e| format!("overhead: {e}"))?,
+                );
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(runs));
+            } else {
+                for run in &runs {
+                    print_overhead(run);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_overhead(run: &serde_json::Value) {
+    println!(
+        "concurrency {} · {} requests x {} rounds per variant (median round) · zero-latency hyper server on 127.0.0.1",
+        run["concurrency"], run["requests"], run["rounds"]
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>11} {:>9}",
+        "variant", "µs/request", "requests/s", "added µs", "overhead"
+    );
+    for row in run["rows"].as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:>12.2} {:>12.0} {:>11.2} {:>8.1} %",
+            row["variant"].as_str().unwrap_or("?"),
+            row["us_per_request"].as_f64().unwrap_or(0.0),
+            row["requests_per_s"].as_f64().unwrap_or(0.0),
+            row["added_us"].as_f64().unwrap_or(0.0),
+            row["overhead_ratio"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    println!();
+}

@@ -1,0 +1,204 @@
+//! What the layers add per request: a bare hyper client against the same client under
+//! tower-aoai's layers, in one run, on loopback, against a hyper server that answers at once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Layer, ServiceExt};
+use tower_aoai::policy::RetryPolicy;
+use tower_aoai::policy::route::{Backend, Backends, RoutePolicy};
+use tower_aoai::stack::Stack;
+use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
+
+/// How the overhead run is shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Requests per variant per round.
+    pub requests: usize,
+    /// Rounds; each round runs every variant once, in turn, and the median round counts.
+    pub rounds: usize,
+    /// Concurrent callers.
+    pub concurrency: usize,
+}
+
+const BODY: &[u8] = br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
+const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+
+type Svc = BoxCloneSyncService<Request<Full<Bytes>>, (), BoxError>;
+
+/// Starts the zero-latency server; returns its address.
+async fn serve() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .header("x-ms-region", "loopback")
+                            .body(Full::new(Bytes::from_static(ANSWER)))
+                            .expect("a valid response"),
+                    )
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads the whole body so every variant does the same work per request.
+async fn drain<B>(res: Response<B>) -> Result<(), BoxError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<BoxError>,
+{
+    let body = res.into_body().collect().await.map_err(Into::into)?;
+    if body.to_bytes().len() != ANSWER.len() {
+        return Err("short body".into());
+    }
+    Ok(())
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
+    let bare = client().map_err(BoxError::from).and_then(drain::<Incoming>);
+    let retry = RetryLayer::default()
+        .layer(client())
+        .and_then(drain::<tower_aoai::retry::RetryBody<Incoming>>);
+    let retry_limit = RetryLayer::default()
+        .layer(AdaptiveConcurrencyLayer::default().layer(client()))
+        .and_then(drain);
+    let backend = || {
+        Backend::new("loopback", base.to_string())
+            .with_deployment("gpt-4o")
+            .with_api_key("bench-key")
+    };
+    let stack = Stack::builder()
+        .backend(backend())
+        .seed(1)
+        .build(client())?
+        .and_then(drain);
+    let full = {
+        let limited = vec![AdaptiveConcurrencyLayer::default().layer(client())];
+        let route = RouteLayer::new(Backends::new(vec![backend()])?, RoutePolicy::default());
+        RetryLayer::new(RetryPolicy::default())
+            .layer(route.layer_each(limited))
+            .and_then(drain)
+    };
+    Ok(vec![
+        ("bare hyper client", BoxCloneSyncService::new(bare)),
+        ("RetryLayer", BoxCloneSyncService::new(retry)),
+        (
+            "RetryLayer + AdaptiveConcurrencyLayer",
+            BoxCloneSyncService::new(retry_limit),
+        ),
+        ("Stack (retry + route)", BoxCloneSyncService::new(stack)),
+        (
+            "full stack (retry + route + limit)",
+            BoxCloneSyncService::new(full),
+        ),
+    ])
+}
+
+/// One round of one variant: `requests` calls from `concurrency` callers; returns the time.
+async fn round(
+    svc: &Svc,
+    url: &str,
+    requests: usize,
+    concurrency: usize,
+) -> Result<Duration, BoxError> {
+    let per = requests.div_ceil(concurrency);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let svc = svc.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                let req = Request::post(url.as_str())
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(BODY)))?;
+                svc.clone().oneshot(req).await?;
+            }
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed() / u32::try_from(per * concurrency).unwrap_or(u32::MAX))
+}
+
+/// Runs every variant `rounds` times, interleaved, and reports the median time per request.
+pub async fn run(options: Options) -> Result<Value, BoxError> {
+    let addr = serve().await?;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+    let variants = variants(&base)?;
+    // Warm-up: connections open, limits grown out of slow start, caches warm.
+    for (_, svc) in &variants {
+        round(svc, &url, options.requests.min(2000), options.concurrency).await?;
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    for _ in 0..options.rounds.max(1) {
+        for (i, (_, svc)) in variants.iter().enumerate() {
+            times[i].push(round(svc, &url, options.requests, options.concurrency).await?);
+        }
+    }
+    let medians: Vec<Duration> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_unstable();
+            t[t.len() / 2]
+        })
+        .collect();
+    let bare = medians[0].as_secs_f64();
+    let rows: Vec<Value> = variants
+        .iter()
+        .zip(&medians)
+        .map(|((name, _), m)| {
+            let per = m.as_secs_f64();
+            json!({
+                "variant": name,
+                "us_per_request": per * 1e6,
+                "requests_per_s": 1.0 / per,
+                "added_us": (per - bare) * 1e6,
+                "overhead_ratio": per / bare - 1.0,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "concurrency": options.concurrency,
+        "requests": options.requests,
+        "rounds": options.rounds,
+        "rows": rows,
+    }))
+}
