@@ -313,6 +313,20 @@ pub struct Deployment {
     /// Override of the scenario's `throttle_headers` for this deployment.
     #[serde(default)]
     pub throttle_headers: Option<ThrottleHeaders>,
+    /// What `x-ratelimit-limit-requests` / `-remaining-requests` count (uncertain on Azure).
+    #[serde(default)]
+    pub requests_header: RequestsHeader,
+}
+
+/// What the request rate-limit headers count.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestsHeader {
+    /// The tightest short window (e.g. 10 per 10 s for 60 RPM).
+    #[default]
+    Window,
+    /// The per-minute quota, and what is left of it over the last minute.
+    Minute,
 }
 
 impl Deployment {

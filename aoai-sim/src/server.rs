@@ -554,6 +554,16 @@ impl Body for SimHttpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if this.reset_after == Some(0) {
+            // Wait a moment first so what was sent is flushed: the client sees part of the stream,
+            // then the reset.
+            let pause = this.interval.max(Duration::from_millis(1));
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.timer = None;
             this.reset_after = None;
             this.chunks.clear();
             return Poll::Ready(Some(Err(Box::new(Dropped))));

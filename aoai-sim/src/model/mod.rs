@@ -58,8 +58,8 @@ use serde_json::Value;
 use tower_aoai::policy::TokenEstimator;
 
 use crate::scenario::{
-    Abuse, Capacity, DeploymentKind, EventKind, Latency, OutageMode, Scenario, ScenarioError,
-    ThrottleHeaders,
+    Abuse, Capacity, DeploymentKind, EventKind, Latency, OutageMode, RequestsHeader, Scenario,
+    ScenarioError, ThrottleHeaders,
 };
 use window::Window;
 
@@ -320,6 +320,8 @@ struct DeploymentState {
     kind: DeploymentKind,
     tpm: u64,
     request_windows: Vec<(Window, u64)>,
+    /// Requests over the last minute, with the RPM, when the headers report the minute.
+    minute: Option<(Window, u64)>,
     tokens: Window,
     headers: ThrottleHeaders,
     spillover_to: Option<usize>,
@@ -441,6 +443,14 @@ impl Model {
                                     })
                                     .collect(),
                                 _ => Vec::new(),
+                            },
+                            minute: match (rpm, d.requests_header) {
+                                (Some(rpm), RequestsHeader::Minute)
+                                    if d.kind == DeploymentKind::Standard =>
+                                {
+                                    Some((Window::new(Duration::from_secs(60)), rpm as u64))
+                                }
+                                _ => None,
                             },
                             tokens: Window::new(Duration::from_secs(60)),
                             headers: d.throttle_headers.unwrap_or(scenario.throttle_headers),
@@ -1035,6 +1045,9 @@ impl Model {
         for (window, _) in &mut d.request_windows {
             window.add(now, 1);
         }
+        if let Some((window, _)) = &mut d.minute {
+            window.add(now, 1);
+        }
         d.tokens.add(now, estimate);
     }
 
@@ -1046,13 +1059,16 @@ impl Model {
             HeaderValue::from(d.tpm.saturating_sub(tokens_used)),
         );
         headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(d.tpm));
-        // The tightest request window is what the headers report.
-        if let Some((remaining, limit)) = d
-            .request_windows
-            .iter_mut()
-            .map(|(w, limit)| (limit.saturating_sub(w.total(now)), *limit))
-            .min()
-        {
+        // The per-minute quota, or the tightest request window, as the setting says.
+        let counted = match &mut d.minute {
+            Some((w, limit)) => Some((limit.saturating_sub(w.total(now)), *limit)),
+            None => d
+                .request_windows
+                .iter_mut()
+                .map(|(w, limit)| (limit.saturating_sub(w.total(now)), *limit))
+                .min(),
+        };
+        if let Some((remaining, limit)) = counted {
             headers.insert(
                 "x-ratelimit-remaining-requests",
                 HeaderValue::from(remaining),
