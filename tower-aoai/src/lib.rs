@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod limit;
+pub mod observe;
 pub mod policy;
 pub mod retry;
 pub mod route;

@@ -281,3 +281,50 @@ async fn x_should_retry_false_from_the_server_is_final() {
     settle().await;
     assert!(no_request(&mut handle));
 }
+
+#[tokio::test(start_paused = true)]
+async fn stats_count_a_scripted_sequence_and_diagnose_capacity() {
+    use tower_aoai::observe::StatsHandle;
+    use tower_aoai::policy::diagnose::FindingKind;
+
+    const PEAK: &str = r#"{"error":{"code":"429","message":"The system is currently experiencing high demand and cannot process your request. Your request exceeds the maximum usage size allowed during peak load. Please retry after 1 seconds."}}"#;
+    let stats = StatsHandle::new();
+    let (svc, mut handle) = service(RetryLayer::default().with_seed(5).with_stats(stats.clone()));
+    let call = tokio::spawn(svc.oneshot(request()));
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response(response(
+        200,
+        &[
+            ("x-ratelimit-remaining-tokens", "90000"),
+            ("x-ratelimit-limit-tokens", "100000"),
+            ("x-ms-region", "West Europe"),
+            ("apim-request-id", "abc"),
+        ],
+        "{}",
+    ));
+    call.await.unwrap().unwrap();
+
+    let (svc, mut handle) = service(RetryLayer::default().with_seed(5).with_stats(stats.clone()));
+    let call = tokio::spawn(svc.oneshot(request()));
+    for _ in 0..2 {
+        let (_, reply) = handle.next_request().await.unwrap();
+        reply.send_response(response(429, &[("retry-after-ms", "100")], PEAK));
+    }
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response(response(200, &[], "{}"));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    let snapshot = stats.snapshot();
+    let b = snapshot.backend("default").unwrap();
+    assert_eq!((b.requests, b.successes, b.retries), (4, 2, 2));
+    assert_eq!(b.throttled.capacity, 2);
+    assert_eq!(b.throttled.total(), 2);
+    assert_eq!(b.region.as_deref(), Some("West Europe"));
+    assert_eq!(b.headroom.remaining_tokens, Some(90_000));
+    let diagnosis = stats.diagnose();
+    assert_eq!(diagnosis.kinds(), vec![FindingKind::Capacity]);
+    assert!(
+        diagnosis.to_string().contains("still had headroom"),
+        "{diagnosis}"
+    );
+}

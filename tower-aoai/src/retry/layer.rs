@@ -3,6 +3,7 @@ use std::sync::{Arc, Mutex};
 use tower_layer::Layer;
 
 use super::Retry;
+use crate::observe::StatsHandle;
 use crate::policy::{RetryBudget, RetryPolicy};
 
 /// Applies [`Retry`] to a service. See the [module docs](crate::retry).
@@ -19,6 +20,7 @@ pub(super) struct Shared {
     pub(super) policy: RetryPolicy,
     pub(super) budget: Mutex<RetryBudget>,
     pub(super) rng: Mutex<fastrand::Rng>,
+    pub(super) stats: Option<StatsHandle>,
 }
 
 impl Default for RetryLayer {
@@ -35,16 +37,33 @@ impl RetryLayer {
 
     /// Replaces the retry budget.
     pub fn with_budget(self, budget: RetryBudget) -> Self {
-        Self::from_parts(self.shared.policy, budget, self.rng())
+        let stats = self.shared.stats.clone();
+        Self::from_parts(self.shared.policy, budget, self.rng()).stats_into(stats)
     }
 
     /// Seeds the jitter, so that runs are reproducible.
     pub fn with_seed(self, seed: u64) -> Self {
+        let stats = self.shared.stats.clone();
         Self::from_parts(
             self.shared.policy,
             self.budget(),
             fastrand::Rng::with_seed(seed),
         )
+        .stats_into(stats)
+    }
+
+    /// Records every attempt (as backend `"default"`) into `stats`. Use it when this layer talks
+    /// to one endpoint; in the full [`Stack`](crate::stack::Stack) the route layer records per
+    /// backend instead.
+    pub fn with_stats(self, stats: StatsHandle) -> Self {
+        Self::from_parts(self.shared.policy, self.budget(), self.rng()).stats_into(Some(stats))
+    }
+
+    fn stats_into(mut self, stats: Option<StatsHandle>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.stats = stats;
+        }
+        self
     }
 
     /// The retry policy.
@@ -74,6 +93,7 @@ impl RetryLayer {
                 policy,
                 budget: Mutex::new(budget),
                 rng: Mutex::new(rng),
+                stats: None,
             }),
         }
     }

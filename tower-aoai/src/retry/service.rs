@@ -12,6 +12,8 @@ use super::body::{RetryBody, read_error_body};
 use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::policy::classify::{self, TransportError};
+use crate::policy::engine::PASSTHROUGH_BACKEND;
+use crate::policy::stats::Attempt;
 use crate::policy::{Action, RetryPolicy};
 
 /// The caller's own deadline for a call, as a request extension; the retry loop never waits past
@@ -79,7 +81,15 @@ where
         // The ready service serves the first attempt; a clone takes its place (tower's idiom).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(run(ready, self.shared.clone(), req))
+        let span = tracing::debug_span!(
+            "tower_aoai.call",
+            method = %req.method(),
+            path = req.uri().path()
+        );
+        ResponseFuture::new(tracing::Instrument::instrument(
+            run(ready, self.shared.clone(), req),
+            span,
+        ))
     }
 }
 
@@ -110,8 +120,11 @@ where
         if !first {
             svc.ready().await.map_err(Into::into)?;
         }
+        let sent_at = now();
+        let retry = !first;
         first = false;
         let attempt = svc.call(req.clone()).await.map_err(Into::into);
+        let latency = now().saturating_duration_since(sent_at);
         let (class, result) = match attempt {
             Ok(res) if classify::needs_body(res.status()) => {
                 let (parts, body) = res.into_parts();
@@ -149,6 +162,18 @@ where
                 (classify::classify_error(kind), Err(e))
             }
         };
+        if let Some(stats) = &shared.stats {
+            stats.record(Attempt {
+                backend: PASSTHROUGH_BACKEND,
+                region: None,
+                class: &class,
+                headers: result.as_ref().ok().map(|r| r.headers()),
+                latency: Some(latency),
+                retry,
+                hedge: false,
+                wall_now: SystemTime::now(),
+            });
+        }
         let action = {
             let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
             let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());

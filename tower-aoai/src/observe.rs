@@ -1,0 +1,100 @@
+//! Observability for the tower layers: a shared [`Stats`] handle, `tracing` events per attempt,
+//! and (with the `metrics` feature) counters through the `metrics` crate facade.
+//!
+//! Give the same [`StatsHandle`] to the layers of a stack and read it with
+//! [`StatsHandle::snapshot`]; [`StatsHandle::diagnose`] says why throttling happened. Backends are
+//! named by their configured names and no header value other than the `x-ratelimit-*` numbers is
+//! kept, so nothing in a snapshot, an event or a metric carries a credential.
+//!
+//! With the `metrics` feature every attempt increments `tower_aoai_attempts_total` with labels
+//! `backend` and `outcome` (`success`, `throttled_quota`, `throttled_capacity`, `blocked`, ...),
+//! and records `tower_aoai_attempt_seconds` (time to response headers) as a histogram.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::policy::diagnose::{self, Diagnosis};
+use crate::policy::stats::{Attempt, Stats};
+
+/// A [`Stats`] shared by the layers of a stack (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct StatsHandle {
+    inner: Arc<Mutex<Stats>>,
+}
+
+impl StatsHandle {
+    /// A new, empty handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the statistics as they are now.
+    pub fn snapshot(&self) -> Stats {
+        self.lock().clone()
+    }
+
+    /// The diagnosis of what was observed so far.
+    pub fn diagnose(&self) -> Diagnosis {
+        diagnose::diagnose(&self.lock())
+    }
+
+    /// Records one attempt: into the stats, as a `tracing` event, and as metrics if enabled.
+    pub fn record(&self, attempt: Attempt<'_>) {
+        emit(&attempt);
+        self.lock().record(attempt);
+    }
+
+    /// Runs `f` on the statistics (to record blocks, hedge wins or gauges).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Stats) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stats> {
+        // Stats are plain counters: a panic elsewhere cannot leave them invalid.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The `tracing` event (and metrics) of one attempt.
+fn emit(attempt: &Attempt<'_>) {
+    let outcome = attempt.class.outcome.as_str();
+    let apim_request_id = attempt
+        .headers
+        .and_then(|h| h.get("apim-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64);
+    let region = attempt.region.or_else(|| {
+        attempt
+            .headers
+            .and_then(|h| h.get("x-ms-region"))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 64)
+    });
+    tracing::debug!(
+        target: "tower_aoai::attempt",
+        backend = attempt.backend,
+        region,
+        apim_request_id,
+        outcome,
+        retry = attempt.retry,
+        hedge = attempt.hedge,
+        latency_ms = attempt.latency.map(|l| l.as_secs_f64() * 1000.0),
+        hint_ms = attempt.class.hint.map(|h| h.delay.as_millis() as u64),
+        "attempt"
+    );
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!(
+            "tower_aoai_attempts_total",
+            "backend" => attempt.backend.to_owned(),
+            "outcome" => outcome
+        )
+        .increment(1);
+        if let Some(latency) = attempt.latency {
+            metrics::histogram!(
+                "tower_aoai_attempt_seconds",
+                "backend" => attempt.backend.to_owned()
+            )
+            .record(latency.as_secs_f64());
+        }
+    }
+}
