@@ -1,7 +1,8 @@
 //! Properties of the router core under random backends, outcomes, headroom and time:
 //! - an attempt never goes to a backend that is cooling down, behind an open breaker or a blocked
 //!   resource, and the router never waits or gives up while a usable backend exists;
-//! - it goes to the best tier among the usable backends with room;
+//! - it goes to a backend the call has not tried when there is one, with room when there is one,
+//!   of the best tier among those;
 //! - a hedge goes to a different usable backend with room;
 //! - every call ends exactly once (returned or given up) within a bounded number of steps, every
 //!   attempt gets exactly one outcome (answered or cancelled), and no wait passes the deadline.
@@ -120,13 +121,15 @@ proptest! {
                 match r.pick(&call, now, &headroom, &mut rng) {
                     Pick::Send(id) => {
                         prop_assert!(usable(&r, id, now), "sent to {:?}", r.availability(id, now));
-                        let with_room: Vec<_> = ids.iter().copied()
-                            .filter(|&b| usable(&r, b, now) && headroom(b) > 0.0).collect();
-                        let pool = if with_room.is_empty() {
-                            ids.iter().copied().filter(|&b| usable(&r, b, now)).collect()
-                        } else {
-                            with_room
+                        // Untried first, then room, then the best tier.
+                        let prefer = |pool: Vec<BackendId>, keep: &dyn Fn(BackendId) -> bool| {
+                            let kept: Vec<_> = pool.iter().copied().filter(|&b| keep(b)).collect();
+                            if kept.is_empty() { pool } else { kept }
                         };
+                        let usable_now: Vec<_> =
+                            ids.iter().copied().filter(|&b| usable(&r, b, now)).collect();
+                        let pool = prefer(usable_now, &|b| !call.tried(b));
+                        let pool = prefer(pool, &|b| headroom(b) > 0.0);
                         let best = pool.iter().map(|&b| r.backends().get(b).tier()).min().unwrap();
                         prop_assert_eq!(r.backends().get(id).tier(), best);
                         prop_assert!(pool.contains(&id));

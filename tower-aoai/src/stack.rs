@@ -1,4 +1,4 @@
-//! The recommended full stack, from one builder: retry → route/hedge → (limit per backend) →
+//! The recommended full stack, from one builder: retry → route/hedge → limit per backend →
 //! client.
 //!
 //! - [`RetryLayer`](crate::RetryLayer) on top: Retry-After-aware, budgeted; it sees what the
@@ -7,6 +7,11 @@
 //! - [`RouteLayer`] below it: picks a backend, fails over at once inside one retry attempt,
 //!   hedges slow calls, keeps blocked resources out. Its waits for a cooling backend never pass
 //!   the retry policy's deadline (nor the caller's [`Deadline`](crate::retry::Deadline)).
+//! - an [`AdaptiveConcurrencyLayer`] per backend below the router: each backend's own 429-driven
+//!   limit and pacing, measured on every attempt. Its room is the router's headroom input: a
+//!   backend at its limit is passed over for one of the same tier with room, or spills to the
+//!   next tier, instead of queueing; a call its limiter refuses (queue full, deadline) fails over
+//!   without counting against the backend's breaker.
 //! - the client at the bottom, shared by every backend (requests are rewritten per backend).
 //!
 //! ```
@@ -43,16 +48,21 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::policy::route::{Backend, Backends, RoutePolicy, RouteStats};
+use crate::limit::{AdaptiveConcurrency, AdaptiveConcurrencyLayer, LimiterHandle};
+use crate::policy::route::{Backend, BackendId, Backends, RoutePolicy, RouteStats};
 use crate::policy::{ConfigError, RetryBudget, RetryPolicy};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
 
+/// The composed service of a [`Stack`] over a client `S`.
+pub type StackService<S> = Retry<Route<AdaptiveConcurrency<S>>>;
+
 /// The full stack over a client `S`. Build it with [`Stack::builder`].
 #[derive(Debug, Clone)]
 pub struct Stack<S> {
-    inner: Retry<Route<S>>,
+    inner: StackService<S>,
     route: RouteLayer,
+    limiters: Vec<LimiterHandle>,
 }
 
 impl Stack<()> {
@@ -73,24 +83,29 @@ impl<S> Stack<S> {
         &self.route
     }
 
+    /// The limiter of backend `id` (in the order the backends were given).
+    pub fn limiter(&self, id: BackendId) -> &LimiterHandle {
+        &self.limiters[id.index()]
+    }
+
     /// The composed service.
-    pub fn get_ref(&self) -> &Retry<Route<S>> {
+    pub fn get_ref(&self) -> &StackService<S> {
         &self.inner
     }
 
     /// Consumes `self`, returning the composed service.
-    pub fn into_inner(self) -> Retry<Route<S>> {
+    pub fn into_inner(self) -> StackService<S> {
         self.inner
     }
 }
 
 impl<S, R> Service<R> for Stack<S>
 where
-    Retry<Route<S>>: Service<R>,
+    StackService<S>: Service<R>,
 {
-    type Response = <Retry<Route<S>> as Service<R>>::Response;
-    type Error = <Retry<Route<S>> as Service<R>>::Error;
-    type Future = <Retry<Route<S>> as Service<R>>::Future;
+    type Response = <StackService<S> as Service<R>>::Response;
+    type Error = <StackService<S> as Service<R>>::Error;
+    type Future = <StackService<S> as Service<R>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -108,6 +123,7 @@ pub struct StackBuilder {
     retry: RetryPolicy,
     retry_budget: Option<RetryBudget>,
     route: RoutePolicy,
+    limit: Option<AdaptiveConcurrencyLayer>,
     seed: Option<u64>,
 }
 
@@ -143,6 +159,13 @@ impl StackBuilder {
         self
     }
 
+    /// The per-backend limiter (default [`AdaptiveConcurrencyLayer::default`]); each backend gets
+    /// its own limit and pacer with these settings.
+    pub fn limit(mut self, layer: AdaptiveConcurrencyLayer) -> Self {
+        self.limit = Some(layer);
+        self
+    }
+
     /// Seeds every random choice (backend choice, jitter), so runs are reproducible.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -158,6 +181,12 @@ impl StackBuilder {
             let wait = route_policy.max_wait().min(deadline);
             route_policy = route_policy.with_max_wait(wait);
         }
+        let limit = self.limit.unwrap_or_default();
+        let services: Vec<AdaptiveConcurrency<S>> = backends
+            .ids()
+            .map(|_| limit.layer(client.clone()))
+            .collect();
+        let limiters: Vec<LimiterHandle> = services.iter().map(|s| s.handle()).collect();
         let mut route = RouteLayer::new(backends, route_policy);
         let mut retry = RetryLayer::new(self.retry);
         if let Some(budget) = self.retry_budget {
@@ -167,9 +196,26 @@ impl StackBuilder {
             route = route.with_seed(seed);
             retry = retry.with_seed(seed.wrapping_add(1));
         }
-        let inner = retry.layer(route.layer(client));
-        Ok(Stack { inner, route })
+        let rooms = limiters.clone();
+        let route = route.with_headroom(move |id| headroom(&rooms[id.index()]));
+        let inner = retry.layer(route.layer_each(services));
+        Ok(Stack {
+            inner,
+            route,
+            limiters,
+        })
     }
+}
+
+/// A limiter's room as the router's headroom: 0 when a call would wait (no permit, a queue, a
+/// pacing wait), else the free share of its limit.
+fn headroom(limiter: &LimiterHandle) -> f64 {
+    if !limiter.has_room(0) {
+        return 0.0;
+    }
+    let s = limiter.snapshot();
+    let limit = f64::from(s.limit.max(1));
+    (f64::from(s.limit.saturating_sub(s.in_flight)) / limit).max(0.01)
 }
 
 #[cfg(test)]
@@ -270,5 +316,56 @@ mod tests {
         // a, b (both cool 2 s), wait, a, b (cool again), wait, a: OK. No sleeps but the cooldowns.
         assert_eq!(hits.load(Ordering::SeqCst), 5);
         assert_eq!(tokio::time::Instant::now() - t0, Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_at_its_limit_spills_to_the_next_tier_instead_of_queueing() {
+        let client = service_fn(|req: Request<Full<Bytes>>| async move {
+            let slow = req.uri().host() == Some("ptu.example");
+            tokio::time::sleep(Duration::from_millis(if slow { 5_000 } else { 100 })).await;
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("x-served-by", req.uri().host().unwrap_or_default())
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap(),
+            )
+        });
+        let stack = Stack::builder()
+            .backend(Backend::new("ptu", "https://ptu.example").with_tier(0))
+            .backend(Backend::new("paygo", "https://paygo.example").with_tier(1))
+            .route(RoutePolicy::default().with_hedge(crate::policy::route::HedgePolicy::disabled()))
+            .seed(9)
+            .build(client)
+            .unwrap();
+        let ptu = stack.route().inspect(|r| r.backends().find("ptu").unwrap());
+        let t0 = tokio::time::Instant::now();
+        // Each limiter starts at 4: the PTU takes 4, the standard tier the other 4 at once.
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let svc = stack.clone();
+                tokio::spawn(async move {
+                    let res = svc.oneshot(req()).await.unwrap();
+                    let by = res.headers()["x-served-by"].to_str().unwrap().to_owned();
+                    (by, tokio::time::Instant::now() - t0)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let snapshot = stack.limiter(ptu).snapshot();
+        assert_eq!(snapshot.queued, 0, "nobody queued behind the full PTU");
+        let limit = snapshot.limit as usize;
+        let mut on_ptu = 0;
+        for call in calls {
+            let (by, took) = call.await.unwrap();
+            if by == "ptu.example" {
+                on_ptu += 1;
+            } else {
+                assert!(took < Duration::from_secs(1), "{took:?}");
+            }
+        }
+        assert_eq!(
+            on_ptu, limit,
+            "the PTU took exactly what its limiter had room for"
+        );
     }
 }

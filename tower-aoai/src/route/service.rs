@@ -282,6 +282,17 @@ where
     };
     let latency = now().saturating_duration_since(sent_at);
     let (class, result, record) = match result {
+        Err(e) if e.is::<crate::limit::Overloaded>() => {
+            // The backend's own limiter refused to send (its queue is full or the wait would
+            // pass the deadline): nothing reached the backend, so its breaker learns nothing (the
+            // guard reports the attempt cancelled) and the call moves on to another backend.
+            drop(guard);
+            return Finished {
+                outcome: classify::classify_error(TransportError::Connect).outcome,
+                step: Step::FailOver,
+                result: Err(e),
+            };
+        }
         Ok(res) if classify::needs_body(res.status()) => {
             let (parts, body) = res.into_parts();
             let remaining = deadline.map(|d| d.saturating_duration_since(now()));

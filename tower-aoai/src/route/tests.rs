@@ -543,3 +543,29 @@ async fn v1_bodies_get_the_backends_model() {
     let body: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[0]).unwrap();
     assert_eq!(body["model"], "gpt-4o-eu");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_limiter_refusal_fails_over_without_feeding_the_breaker() {
+    let client = service_fn(|req: Request<Full<Bytes>>| async move {
+        if req.uri().host() == Some("a.example") {
+            return Err::<Response<Full<Bytes>>, BoxError>(Box::new(crate::limit::Overloaded {
+                reason: crate::limit::OverloadReason::QueueFull,
+            }));
+        }
+        Ok(Response::builder()
+            .header("x-served-by", "b.example")
+            .body(Full::new(Bytes::new()))
+            .unwrap())
+    });
+    let layer = layer(vec![backend("a", 0), backend("b", 1)], no_hedge());
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(client);
+    for _ in 0..10 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(served_by(&res), "b.example");
+    }
+    let a = layer.inspect(|r| r.backends().find("a").unwrap());
+    assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed);
+    assert_eq!(layer.inspect(|r| r.in_flight(a)), 0);
+}

@@ -368,9 +368,9 @@ impl Router {
     /// Chooses where the call's next attempt goes.
     ///
     /// Among the usable backends (not cooling down, not behind an open breaker or a blocked
-    /// resource), those with room (`headroom(id) > 0`, the limiter's and pacing's say) are
-    /// preferred; of those, the best (lowest) tier; of those, backends the call has not tried yet;
-    /// then the better of two weighted random draws, by headroom over load. With no usable
+    /// resource), those the call has not tried yet are preferred; of those, the ones with room
+    /// (`headroom(id) > 0`, the limiter's and pacing's say); of those, the best (lowest) tier;
+    /// then the better of two weighted random draws, by headroom over load and recent latency. With no usable
     /// backend: wait for the first to come back if that is within the deadline (or `max_wait`),
     /// else give up.
     pub fn pick(
@@ -437,14 +437,16 @@ impl Router {
         if pool.is_empty() {
             return None;
         }
+        // Failover first: a backend this call has not tried yet, of any tier, before one it has
+        // (a 429'd backend is cooling anyway; this covers a 5xx or a connection error).
+        if pool.iter().any(|&id| !call.tried(id)) {
+            pool.retain(|&id| !call.tried(id));
+        }
         if pool.iter().any(|&id| headroom(id) > 0.0) {
             pool.retain(|&id| headroom(id) > 0.0);
         }
         let best = pool.iter().map(|&id| self.backends.get(id).tier()).min()?;
         pool.retain(|&id| self.backends.get(id).tier() == best);
-        if pool.iter().any(|&id| !call.tried(id)) {
-            pool.retain(|&id| !call.tried(id));
-        }
         let first = self.weighted(&pool, None, rng)?;
         let Some(second) = self.weighted(&pool, Some(first), rng) else {
             return Some(first);
