@@ -695,3 +695,34 @@ fn time_scale_compresses_the_delays_clients_are_told() {
     assert_eq!(answer(&r).headers["retry-after"], "1");
     assert!(message(&r).contains("Please retry after 1 second."));
 }
+
+#[test]
+fn unrendered_bodies_keep_the_shape_and_timing() {
+    let toml = format!(
+        "seed = 9\n[response]\noutput_tokens = 7\n{}",
+        one_deployment("tpm = 100000")
+    );
+    for op in [
+        aoai_sim::Operation::ChatCompletions,
+        aoai_sim::Operation::Completions,
+        aoai_sim::Operation::Responses,
+    ] {
+        let mut req = chat("east", "gpt-4o", body(40, 100, true));
+        req.operation = op;
+        let rendered = m_handle(&toml, &req, true);
+        let bare = m_handle(&toml, &req, false);
+        let (SimBody::Stream(a), SimBody::Stream(b)) = (&rendered.body, &bare.body) else {
+            panic!("streams")
+        };
+        assert_eq!(a.len(), b.len(), "{op:?}");
+        assert!(b.iter().all(|c| c.is_empty()));
+        assert_eq!(rendered.timing, bare.timing);
+        assert_eq!(rendered.headers.len(), bare.headers.len());
+    }
+}
+
+fn m_handle(toml: &str, req: &SimRequest, render: bool) -> aoai_sim::Answer {
+    let mut m = model(toml);
+    m.set_render_bodies(render);
+    answer(&m.handle(s(0.0), req)).clone()
+}

@@ -164,13 +164,18 @@ pub fn classify(response: &SimResponse) -> Classification {
 pub struct RunOptions {
     /// How long after the last arrival unfinished calls may still finish.
     pub grace: Duration,
+    /// Whether success bodies are rendered (see [`Model::set_render_bodies`]); error bodies
+    /// always are.
+    pub success_bodies: bool,
 }
 
 impl Default for RunOptions {
-    /// Ten minutes of grace.
+    /// Ten minutes of grace; success bodies are not rendered (clients classify on status,
+    /// headers and error bodies).
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(600),
+            success_bodies: false,
         }
     }
 }
@@ -194,6 +199,7 @@ pub fn run_with(
         });
     };
     let mut model = Model::new(scenario)?;
+    model.set_render_bodies(options.success_bodies);
     let targets: Vec<Target> = workload
         .targets
         .iter()

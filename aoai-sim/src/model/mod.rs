@@ -381,6 +381,7 @@ pub struct Model {
     next_id: u64,
     stats: Stats,
     body_cache: Vec<(Bytes, BodyInfo)>,
+    render_bodies: bool,
 }
 
 fn secs(s: f64) -> Duration {
@@ -501,6 +502,7 @@ impl Model {
             next_id: 0,
             stats: Stats::default(),
             body_cache: Vec::new(),
+            render_bodies: true,
         })
     }
 
@@ -510,6 +512,13 @@ impl Model {
         if time_scale.is_finite() && time_scale > 0.0 {
             self.time_scale = time_scale;
         }
+    }
+
+    /// Whether success bodies are rendered (default). When off, a success body is empty (a stream
+    /// has the right number of empty chunks, so timing is unchanged): for virtual-time runs whose
+    /// clients never read success bodies. Error bodies are always rendered.
+    pub fn set_render_bodies(&mut self, render: bool) {
+        self.render_bodies = render;
     }
 
     /// The token estimator the model charges with.
@@ -771,7 +780,7 @@ impl Model {
         };
         let inputs = info.inputs;
         let prompt_tokens = estimate.saturating_sub(max_out.saturating_mul(info.choices));
-        let body = render::success(&render::Success {
+        let success = render::Success {
             op: req.operation,
             model: &dep.model,
             id,
@@ -780,7 +789,12 @@ impl Model {
             output_tokens,
             stream,
             inputs,
-        });
+        };
+        let body = if self.render_bodies {
+            render::success(&success)
+        } else {
+            render::placeholder(&success)
+        };
         let timing = self.timing(now, ri, output_tokens, &body);
         headers.insert(
             http::header::CONTENT_TYPE,

@@ -36,6 +36,19 @@ pub(crate) fn success(s: &Success<'_>) -> SimBody {
     }
 }
 
+/// The shape of a success body without its content: empty, or as many empty chunks as the
+/// stream would have.
+pub(crate) fn placeholder(s: &Success<'_>) -> SimBody {
+    if s.stream && s.op != Operation::Embeddings {
+        SimBody::Stream(vec![
+            Bytes::new();
+            usize::try_from(s.output_tokens).unwrap_or(0) + 2
+        ])
+    } else {
+        SimBody::Full(Bytes::new())
+    }
+}
+
 fn usage(s: &Success<'_>) -> Value {
     json!({
         "prompt_tokens": s.prompt_tokens,
