@@ -51,13 +51,17 @@ fn class(outcome: Outcome, hint_ms: Option<u64>) -> Classification {
     }
 }
 
+/// One call: events consumed by its attempts, headroom per backend, the time gap before it (ms),
+/// its deadline (ms), whether to try a hedge.
+type CallPlan = (Vec<Event>, Vec<u8>, u64, u64, bool);
+
 #[derive(Debug, Clone)]
 struct Setup {
     /// (tier, resource index, weight) per backend.
     backends: Vec<(u8, usize, u32)>,
     /// Per call: events consumed by its attempts, headroom per backend, a time gap before it,
     /// a deadline, whether to try a hedge.
-    calls: Vec<(Vec<Event>, Vec<u8>, u64, u64, bool)>,
+    calls: Vec<CallPlan>,
     seed: u64,
 }
 
