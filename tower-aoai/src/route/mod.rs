@@ -31,6 +31,9 @@
 //! (cooldowns, breakers, blocks) persists between those attempts. The one builder for that stack
 //! is [`crate::stack`].
 //!
+//! Figures on the simulator (single backend vs. failover vs. failover with hedging, with the
+//! command that prints them) are in `tower-aoai/ROUTING.md`.
+//!
 //! The request body must be in memory and `Clone` (`Full<Bytes>`): it is replayed for failover and
 //! hedges, and its `model` rewritten where the URL carries none.
 //!
