@@ -316,6 +316,26 @@ pub struct Deployment {
     /// What `x-ratelimit-limit-requests` / `-remaining-requests` count (uncertain on Azure).
     #[serde(default)]
     pub requests_header: RequestsHeader,
+    /// This model's completion budget when a request sets no `max_tokens` (default: the
+    /// scenario's `tokens.default_completion_tokens`).
+    #[serde(default)]
+    pub default_completion_tokens: Option<u64>,
+    /// Provisioned with spillover: how the answer names the deployment it spilled from.
+    #[serde(default)]
+    pub spillover_header: SpilloverHeader,
+}
+
+/// How a spilled-over answer names the provisioned deployment it came from (spellings vary).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SpilloverHeader {
+    /// `x-ms-spillover-from-deployment: <ptu>`.
+    Generic,
+    /// `x-ms-spillover-from-<ptu>: true`.
+    Named,
+    /// Both.
+    #[default]
+    Both,
 }
 
 /// What the request rate-limit headers count.
@@ -607,11 +627,16 @@ impl Scenario {
                 ));
             }
             let l = &r.latency;
+            if !(0.0..=3.0).contains(&l.jitter) {
+                return Err(err(
+                    format!("regions[{i}].latency.jitter"),
+                    format!("must be between 0 and 3, got {}", l.jitter),
+                ));
+            }
             for (name, v) in [
                 ("first_token_ms", l.first_token_ms),
                 ("per_token_ms", l.per_token_ms),
                 ("error_ms", l.error_ms),
-                ("jitter", l.jitter),
             ] {
                 if !(v.is_finite() && (0.0..=3_600_000.0).contains(&v)) {
                     return Err(err(

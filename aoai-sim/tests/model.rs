@@ -307,6 +307,7 @@ fn spillover_serves_from_the_standard_deployment_with_spillover_headers() {
     assert_eq!(a.headers["x-ms-deployment-name"], "gpt-4o-std");
     assert_eq!(a.headers["x-ms-spillover-from-deployment"], "gpt-4o-spill");
     assert_eq!(a.headers["x-ms-spillover-error"], "429");
+    assert_eq!(a.headers["x-ms-spillover-from-gpt-4o-spill"], "true");
     // The request header asks for spillover on a PTU deployment without the setting.
     let mut m = model(PTU);
     let mut req = chat("ptu", "gpt-4o-ptu", body(0, 7000, false));
@@ -725,4 +726,36 @@ fn m_handle(toml: &str, req: &SimRequest, render: bool) -> aoai_sim::Answer {
     let mut m = model(toml);
     m.set_render_bodies(render);
     answer(&m.handle(s(0.0), req)).clone()
+}
+
+#[test]
+fn a_deployment_may_have_its_own_default_completion_budget() {
+    // No max_tokens: 4 prompt tokens + the deployment's 496 = 500 per request; 1,000 TPM admits 2.
+    let mut m = model(&one_deployment(
+        "tpm = 1000\ndefault_completion_tokens = 496",
+    ));
+    let req = chat(
+        "east",
+        "gpt-4o",
+        br#"{"messages":[{"role":"user","content":"0123456789abcdef"}]}"#.to_vec(),
+    );
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(200));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(200));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(429));
+    // The scenario default (1,024) would not even admit one.
+    let mut m = model(&one_deployment("tpm = 1000"));
+    assert_eq!(m.handle(s(0.0), &req).status(), Some(429));
+}
+
+#[test]
+fn spillover_header_spelling_is_a_setting() {
+    let mut m = model(&PTU.replace(
+        "spillover_to = \"gpt-4o-std\"",
+        "spillover_to = \"gpt-4o-std\"\n    spillover_header = \"generic\"",
+    ));
+    let req = chat("ptu", "gpt-4o-spill", body(0, 7000, false));
+    m.handle(s(0.0), &req);
+    let a = answer(&m.handle(s(0.0), &req)).clone();
+    assert_eq!(a.headers["x-ms-spillover-from-deployment"], "gpt-4o-spill");
+    assert!(!a.headers.contains_key("x-ms-spillover-from-gpt-4o-spill"));
 }

@@ -168,7 +168,8 @@ impl Client for NaiveClient {
             && let Some(delay) = self.delay(done.response, n)
         {
             self.retries.insert(call, n + 1);
-            self.outbox.send_at(now + delay, call, done.attempt.target);
+            self.outbox
+                .send_at(now.saturating_add(delay), call, done.attempt.target);
             return;
         }
         self.retries.remove(&call);
@@ -248,7 +249,8 @@ impl Client for RetryClient {
         {
             Action::Retry { after, .. } => {
                 self.calls.insert(call, state);
-                self.outbox.send_at(now + after, call, done.attempt.target);
+                self.outbox
+                    .send_at(now.saturating_add(after), call, done.attempt.target);
             }
             _ => self.outbox.finish(call, class.outcome),
         }

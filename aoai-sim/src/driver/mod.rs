@@ -370,7 +370,7 @@ impl Sim<'_> {
                 .max(self.recent_sends.len() as u64);
             self.seq += 1;
             self.queue.push(Pending {
-                at: now + response.done_after(),
+                at: now.saturating_add(response.done_after()),
                 seq: self.seq,
                 attempt,
                 sent_at: now,

@@ -59,7 +59,7 @@ use tower_aoai::policy::TokenEstimator;
 
 use crate::scenario::{
     Abuse, Capacity, DeploymentKind, EventKind, Latency, OutageMode, RequestsHeader, Scenario,
-    ScenarioError, ThrottleHeaders,
+    ScenarioError, SpilloverHeader, ThrottleHeaders,
 };
 use window::Window;
 
@@ -329,6 +329,9 @@ struct DeploymentState {
     utilization_header: bool,
     ptu_level: f64,
     ptu_updated: Duration,
+    /// Set when the deployment has its own default completion budget.
+    estimator: Option<TokenEstimator>,
+    spillover_header: SpilloverHeader,
 }
 
 #[derive(Debug)]
@@ -463,6 +466,15 @@ impl Model {
                             utilization_header: d.utilization_header,
                             ptu_level: 0.0,
                             ptu_updated: Duration::ZERO,
+                            estimator: d.default_completion_tokens.and_then(|n| {
+                                TokenEstimator::new(
+                                    scenario.tokens.chars_per_token,
+                                    scenario.tokens.prompt_share,
+                                    n,
+                                )
+                                .ok()
+                            }),
+                            spillover_header: d.spillover_header,
                         }
                     })
                     .collect(),
@@ -578,14 +590,20 @@ impl Model {
         response
     }
 
+    /// `"resource/deployment"`, with `?` for names the scenario does not know (so hostile
+    /// requests cannot grow the counters without bound).
     fn stats_key(&self, req: &SimRequest, headers: &HeaderMap) -> String {
+        let Some(res) = self.resources.iter().find(|r| r.name == req.resource) else {
+            return "?/?".to_string();
+        };
         let dep = headers
             .get("x-ms-deployment-name")
             .and_then(|v| v.to_str().ok())
             .filter(|s| !s.is_empty())
             .or(req.deployment.as_deref())
+            .filter(|d| res.deployments.iter().any(|x| x.name == *d))
             .unwrap_or("?");
-        format!("{}/{dep}", req.resource)
+        format!("{}/{dep}", res.name)
     }
 
     fn decide(&mut self, now: Duration, req: &SimRequest) -> SimResponse {
@@ -687,7 +705,15 @@ impl Model {
         }
         self.regions[region].arrivals.add(now, 1);
 
-        let estimate = info.estimate;
+        let estimate = match &self.resources[ri].deployments[di].estimator {
+            Some(e) => e.estimate(&req.body),
+            None => info.estimate,
+        };
+        let default_completion = self.resources[ri].deployments[di]
+            .estimator
+            .map_or(self.estimator.default_completion_tokens(), |e| {
+                e.default_completion_tokens()
+            });
         let api_version = req.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
         let mut served = di;
         let mut spilled = false;
@@ -709,10 +735,20 @@ impl Model {
                         .or(self.resources[ri].deployments[di].spillover_to);
                     match spill {
                         Some(to) => {
-                            headers.insert(
-                                "x-ms-spillover-from-deployment",
-                                self.resources[ri].deployments[di].name_header.clone(),
-                            );
+                            let from = &self.resources[ri].deployments[di];
+                            if from.spillover_header != SpilloverHeader::Named {
+                                headers.insert(
+                                    "x-ms-spillover-from-deployment",
+                                    from.name_header.clone(),
+                                );
+                            }
+                            if from.spillover_header != SpilloverHeader::Generic
+                                && let Ok(name) = HeaderName::from_bytes(
+                                    format!("x-ms-spillover-from-{}", from.name).as_bytes(),
+                                )
+                            {
+                                headers.insert(name, HeaderValue::from_static("true"));
+                            }
                             headers.insert("x-ms-spillover-error", HeaderValue::from_static("429"));
                             headers.insert(
                                 "x-ms-deployment-name",
@@ -770,9 +806,7 @@ impl Model {
         // Served.
         let dep = &self.resources[ri].deployments[served];
         let stream = info.stream;
-        let max_out = info
-            .max_out
-            .unwrap_or(self.estimator.default_completion_tokens());
+        let max_out = info.max_out.unwrap_or(default_completion);
         let output_tokens = if req.operation == Operation::Embeddings {
             0
         } else {
@@ -824,7 +858,11 @@ impl Model {
             let at = if after == 0 {
                 timing.first_byte
             } else {
-                timing.first_byte + timing.per_chunk * (after as u32).saturating_sub(1)
+                timing.first_byte.saturating_add(
+                    timing
+                        .per_chunk
+                        .saturating_mul(u32::try_from(after).unwrap_or(u32::MAX).saturating_sub(1)),
+                )
             };
             (
                 SimResponse::Reset {
@@ -837,7 +875,9 @@ impl Model {
         } else {
             (SimResponse::Answer(answer), timing.total)
         };
-        self.regions[region].in_flight.push(Reverse(now + end));
+        self.regions[region]
+            .in_flight
+            .push(Reverse(now.saturating_add(end)));
         response
     }
 
@@ -960,7 +1000,7 @@ impl Model {
             if now.saturating_sub(start) <= secs(cfg.burst_window_s) {
                 st.burst_count += 1;
                 if st.burst_count > cfg.burst_requests {
-                    st.blocked_until = Some(now + secs(cfg.block_s));
+                    st.blocked_until = Some(now.saturating_add(secs(cfg.block_s)));
                     st.burst_start = None;
                     return true;
                 }
@@ -1187,7 +1227,8 @@ impl Model {
         Timing {
             first_byte,
             per_chunk,
-            total: first_byte + per_chunk * u32::try_from(steps).unwrap_or(u32::MAX),
+            total: first_byte
+                .saturating_add(per_chunk.saturating_mul(u32::try_from(steps).unwrap_or(u32::MAX))),
         }
     }
 }
