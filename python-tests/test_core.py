@@ -65,6 +65,13 @@ def test_settings_are_kept_and_shown() -> None:
     assert (defaults.budget_ttl, defaults.budget_min_per_sec, defaults.budget_ratio) == (10.0, 10, 0.2)
 
 
+def send(call: tower_aoai.Call) -> tower_aoai.Attempt:
+    step, attempt = call.next()
+    assert step == "send", (step, attempt)
+    assert isinstance(attempt, tower_aoai.Attempt)
+    return attempt
+
+
 def test_needs_body_only_for_error_statuses() -> None:
     call = Engine().start()
     assert not call.needs_body(200)
@@ -74,34 +81,55 @@ def test_needs_body_only_for_error_statuses() -> None:
     assert not call.needs_body(1000)
 
 
-def test_actions() -> None:
+def test_decisions() -> None:
     call = Engine(max_attempts=2, hint_jitter=0.0).start()
-    kind, delay, reason = call.on_response(429, [(b"retry-after-ms", b"1500")], b"{}")
-    assert (kind, delay, reason) == ("retry", 1.5, "throttled_unknown")
-    assert call.on_response(429, [(b"retry-after-ms", b"1500")], b"{}") == ("give_up", None, "attempts_exhausted")
+    attempt = send(call)
+    assert attempt.backend == "default" and not attempt.rewrites
+    assert attempt.on_response(429, [(b"retry-after-ms", b"1500")], b"{}") == ("retry", "throttled_unknown", None)
+    assert not attempt.open
+    step, wait = call.next()
+    assert step == "wait" and isinstance(wait, float) and 1.49 <= wait <= 1.5
+    # The wait was carried out (a fake sleep): the engine's clock moved on, the backend is back.
+    attempt = send(call)
+    assert attempt.on_response(429, [(b"retry-after-ms", b"1500")], b"{}") == (
+        "give_up",
+        "throttled_unknown",
+        "attempts_exhausted",
+    )
     assert call.attempts == 2
     assert call.last_outcome == "throttled_unknown"
-    assert Engine().start().on_response(200, []) == ("return", None, None)
-    assert Engine().start().on_response(400, [], b'{"error":{"code":"BadRequest"}}') == ("return", None, None)
+    assert send(Engine().start()).on_response(200, []) == ("return", "success", None)
+    assert send(Engine().start()).on_response(400, [], b'{"error":{"code":"BadRequest"}}')[0] == "return"
+    with pytest.raises(RuntimeError, match="already"):
+        attempt.on_response(200, [])
 
 
 def test_the_body_decides_the_throttle_cause() -> None:
     body = b'{"error":{"code":"429","message":"The system is currently experiencing high demand"}}'
-    assert Engine().start().on_response(429, [], body)[2] == "throttled_capacity"
+    assert send(Engine().start()).on_response(429, [], body)[1] == "throttled_capacity"
 
 
 def test_x_should_retry_false_from_the_server_is_honoured() -> None:
-    assert Engine().start().on_response(503, [(b"x-should-retry", b"false")], b"") == ("return", None, None)
+    assert send(Engine().start()).on_response(503, [(b"x-should-retry", b"false")], b"")[0] == "return"
 
 
 def test_on_error() -> None:
     call = Engine(max_attempts=3, backoff_base=0.1, backoff_cap=0.1).start()
-    kind, delay, reason = call.on_error("timeout")
-    assert kind == "retry" and delay is not None and 0.0 <= delay <= 0.1 and reason == "transient_timeout"
-    assert call.on_error("connect")[0] == "retry"
-    assert call.on_error("connect") == ("give_up", None, "attempts_exhausted")
+    assert send(call).on_error("timeout") == ("retry", "transient_timeout", None)
+    step, value = call.next()
+    if step == "wait":  # full jitter may draw zero: then it sends at once
+        assert isinstance(value, float) and 0.0 <= value <= 0.1
+        step, value = call.next()
+    assert step == "send" and isinstance(value, tower_aoai.Attempt)
+    assert value.on_error("connect")[0] == "retry"
+    step, value = call.next()
+    if step == "wait":
+        step, value = call.next()
+    assert isinstance(value, tower_aoai.Attempt)
     with pytest.raises(ValueError, match="`kind`"):
-        call.on_error("dns")  # type: ignore[arg-type]
+        value.on_error("dns")  # type: ignore[arg-type]
+    assert value.open  # a rejected argument does not use up the attempt
+    assert value.on_error("connect") == ("give_up", "transient_connect", "attempts_exhausted")
 
 
 def test_hostile_headers_are_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
@@ -112,32 +140,50 @@ def test_hostile_headers_are_skipped_not_fatal(caplog: pytest.LogCaptureFixture)
         (b"retry-after-ms", b"99999999999999999999999999"),
         (b"retry-after", b"3"),
     ]
+    call = Engine(hint_jitter=0.0).start()
     with caplog.at_level(logging.DEBUG, logger="tower_aoai"):
-        kind, delay, _ = Engine(hint_jitter=0.0).start().on_response(429, headers, b"\xff not json")
-    assert kind == "retry"
-    assert delay == 3.0  # the overflowing retry-after-ms is no hint; the valid retry-after is
-    assert any("invalid response header" in r.getMessage() for r in caplog.records)
+        assert send(call).on_response(429, headers, b"\xff not json")[0] == "retry"
+    step, wait = call.next()
+    # The overflowing retry-after-ms is no hint; the valid retry-after is.
+    assert step == "wait" and isinstance(wait, float) and 2.99 <= wait <= 3.0
+    assert any("invalid header" in r.getMessage() for r in caplog.records)
 
 
 def test_headers_must_be_byte_pairs() -> None:
-    call = Engine().start()
+    attempt = send(Engine().start())
     with pytest.raises(TypeError):
-        call.on_response(429, [("retry-after", "1")])  # type: ignore[list-item]
+        attempt.on_response(429, [("retry-after", "1")])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="`status`"):
-        call.on_response(42, [])
+        attempt.on_response(42, [])
+    assert attempt.open
 
 
 def test_the_budget_is_shared_by_calls_of_one_engine() -> None:
     engine = Engine(budget_min_per_sec=1, budget_ttl=1.0, budget_ratio=0.0)
     assert engine.budget_remaining() == 1
-    assert engine.start().on_error("connect")[0] == "retry"
-    assert engine.start().on_error("connect") == ("give_up", None, "budget_exhausted")
+    assert send(engine.start()).on_error("connect")[0] == "retry"
+    assert send(engine.start()).on_error("connect") == ("give_up", "transient_connect", "budget_exhausted")
+
+
+def test_a_dropped_attempt_returns_its_permit() -> None:
+    engine = Engine(max_concurrency=1, queue_timeout=5.0)
+    first = send(engine.start())
+    assert engine.stats()["backends"]["default"]["gauges"]["in_flight"] == 1
+    blocked = engine.start()
+    assert blocked.next()[0] == "queue"
+    del first  # no outcome: the permit goes back (RAII)
+    assert engine.stats()["backends"]["default"]["gauges"]["in_flight"] == 0
+    second = send(blocked)
+    second.cancel()
+    second.cancel()  # idempotent
+    assert not second.open
+    assert engine.stats()["backends"]["default"]["gauges"]["in_flight"] == 0
 
 
 def test_legacy_names_are_lazy_and_listed() -> None:
     assert "HttpxTransport" in dir(tower_aoai)
     with pytest.raises(AttributeError):
-        tower_aoai.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+        tower_aoai.NoSuchThing  # noqa: B018
 
 
 def test_importing_needs_no_legacy_httpx() -> None:

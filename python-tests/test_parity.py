@@ -1,17 +1,19 @@
 """Issue 2's parity check: one throttled scenario through the Rust RetryLayer (over hyper) and
-through the Python Transport (over httpx2) gives the same hits, final status and waits."""
+through the Python Transport (over httpx2, driven by the full engine on one backend) gives the
+same hits, final status and waits. With hint_jitter=0 and only hinted failures, both sides' waits
+are exactly the hints (the Rust layer's retry wait, the engine's cooldown)."""
 
 from __future__ import annotations
 
 import time
 
 import httpx2
-from conftest import Reply, ScriptedServer, chat_completion, server_error, throttle
+from conftest import Reply, ScriptedServer, chat_completion, throttle
 
 import tower_aoai
 from tower_aoai._core import _run_retry_layer
 
-SETTINGS = dict(max_attempts=5, hint_jitter=1.0, backoff_base=0.2, backoff_cap=0.2, seed=5)
+SETTINGS = dict(max_attempts=5, hint_jitter=0.0, backoff_base=0.2, backoff_cap=0.2, seed=5)
 # Rust waits are measured (response received -> next attempt sent); Python's are the requested
 # sleeps. Timer granularity and scheduling on a loaded machine stay well under this.
 TOLERANCE = 0.03
@@ -57,8 +59,8 @@ def assert_same(python: tuple[int, int, list[float], bytes, str | None], rust: t
 def test_a_throttled_then_failing_then_successful_call_matches(server: ScriptedServer) -> None:
     script = [
         throttle(retry_after_ms="100"),
-        server_error(),
-        throttle(message="high demand, no hint"),
+        Reply(503, {"retry-after-ms": "40"}, b'{"error":{"code":"503","message":"busy"}}'),
+        throttle(message="The system is currently experiencing high demand.", retry_after="0.08"),
         throttle(retry_after_ms="60"),
         chat_completion("parity"),
     ]
@@ -66,9 +68,9 @@ def test_a_throttled_then_failing_then_successful_call_matches(server: ScriptedS
     rust = through_rust(server, script)
     assert python[0] == 200 and python[1] == 5
     assert_same(python, rust)
-    # The hinted waits honour the hint, jittered upwards by at most hint_jitter (100 %).
-    assert 0.1 <= python[2][0] <= 0.2
-    assert 0.06 <= python[2][3] <= 0.12
+    # Without jitter every wait is the hint (less the microseconds the engine took to decide).
+    for wait, hint in zip(python[2], [0.1, 0.04, 0.08, 0.06]):
+        assert hint - 0.005 <= wait <= hint, python[2]
 
 
 def test_giving_up_matches(server: ScriptedServer) -> None:
@@ -76,6 +78,7 @@ def test_giving_up_matches(server: ScriptedServer) -> None:
     python = through_python(server, script)
     rust = through_rust(server, script)
     assert python[0] == 429 and python[1] == 5 and python[4] == "false"
+    assert all(0.045 <= w <= 0.05 for w in python[2]), python[2]
     assert b"token rate limit" in python[3]
     assert_same(python, rust)
 

@@ -1,8 +1,14 @@
-//! The retry engine and its per-call state, as Python objects.
+//! The full engine (retry, route, limit and pace, observe) and its per-call and per-attempt state,
+//! as Python objects.
 //!
-//! The transports open one [`Call`] per request and feed it each attempt's outcome; the call asks
-//! `tower_aoai::policy` what to do and answers with an action tuple. No decision is made here: this
-//! file only converts Python values to the core's types and back.
+//! [`Engine`] wraps `tower_aoai::policy::engine::Engine` behind a mutex; a [`Call`] is one user
+//! request, an [`Attempt`] one send, owning the core's `Ticket` (its permit): dropping an attempt
+//! without an outcome hands the permit back (`on_cancel`). No decision is made here: this file
+//! converts Python values to the core's types and back.
+//!
+//! Locking: a call's state is locked before the engine, never the other way round, and no Python
+//! code runs while the engine is locked (a token provider is called outside it), so a thread that
+//! waits for the lock while holding the GIL cannot deadlock with one that holds it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -10,9 +16,19 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use tower_aoai::policy::classify::{self, TransportError};
-use tower_aoai::policy::{Action, Backoff, Classification, ConfigError, RetryBudget, RetryPolicy};
+use tower_aoai::policy::engine::{
+    After, Engine as Core, EngineCall, EngineConfig, Failure, Next, Ticket,
+};
+use tower_aoai::policy::route::{BackendId, Backends, RoutePolicy};
+use tower_aoai::policy::{
+    Backoff, ConfigError, LimitConfig, Pacer, PacingConfig, RetryBudget, RetryPolicy,
+    TokenEstimator,
+};
+
+use crate::backend::{Backend, ProviderError};
+use crate::report::{Diagnosis, record_dict, stats_dict};
 
 /// Default share of calls that may be retried (the core's `RetryBudget::default`).
 pub(crate) const DEFAULT_BUDGET_RATIO: f64 = 0.2;
@@ -22,9 +38,11 @@ pub(crate) const DEFAULT_BUDGET_MIN_PER_SEC: i64 = 10;
 pub(crate) const DEFAULT_BUDGET_TTL: f64 = 10.0;
 /// Default jitter fraction on top of server hints (the core's `Backoff::default`).
 pub(crate) const DEFAULT_HINT_JITTER: f64 = 0.1;
+/// Default seconds a call waits for a concurrency permit (the core's `EngineConfig::default`).
+pub(crate) const DEFAULT_QUEUE_TIMEOUT: f64 = 30.0;
 
-/// The validated settings of an [`Engine`], kept to rebuild the same policy elsewhere (the parity
-/// hook) and to show them in `repr()`.
+/// The validated retry settings of an [`Engine`], kept to rebuild the same policy elsewhere (the
+/// parity hook) and to show them in `repr()`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Settings {
     pub(crate) max_attempts: u32,
@@ -54,9 +72,46 @@ impl Settings {
         RetryBudget::new(self.budget_ttl, self.budget_min_per_sec, self.budget_ratio)
     }
 
-    pub(crate) fn rng(&self) -> fastrand::Rng {
-        self.seed
-            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed)
+    /// The router's policy: hints jittered like the retry policy's, the same attempts and waits.
+    pub(crate) fn route(&self) -> Result<RoutePolicy, ConfigError> {
+        Ok(RoutePolicy::new()
+            .with_cooldown_jitter(self.hint_jitter)?
+            .with_max_attempts(self.max_attempts)?
+            .with_max_wait(self.max_wait))
+    }
+}
+
+/// The limiter, pacing and token-estimate settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Load {
+    pub(crate) initial_concurrency: Option<u32>,
+    pub(crate) min_concurrency: u32,
+    pub(crate) max_concurrency: u32,
+    pub(crate) rpm: Option<f64>,
+    pub(crate) tpm: Option<f64>,
+    pub(crate) queue_timeout: Duration,
+    pub(crate) tokens: TokenEstimator,
+}
+
+impl Load {
+    pub(crate) fn limit(&self) -> LimitConfig {
+        let d = LimitConfig::default();
+        // Without an explicit start, the core's default start clamped into the given bounds.
+        let initial = self.initial_concurrency.unwrap_or_else(|| {
+            d.initial().clamp(
+                self.min_concurrency,
+                self.max_concurrency.max(self.min_concurrency),
+            )
+        });
+        d.with_min(self.min_concurrency)
+            .with_max(self.max_concurrency)
+            .with_initial(initial)
+    }
+
+    pub(crate) fn pacing(&self, rpm: Option<f64>, tpm: Option<f64>) -> PacingConfig {
+        PacingConfig::default()
+            .with_requests_per_minute(rpm)
+            .with_tokens_per_minute(tpm)
     }
 }
 
@@ -65,21 +120,36 @@ fn argument_name(field: &str) -> &str {
     match field {
         "backoff.base" => "backoff_base",
         "backoff.cap" => "backoff_cap",
-        "backoff.hint_jitter" => "hint_jitter",
+        "backoff.hint_jitter" | "cooldown_jitter" => "hint_jitter",
         "budget.ttl" => "budget_ttl",
         "budget.min_per_sec" => "budget_min_per_sec",
         "budget.ratio" => "budget_ratio",
+        "limit.initial" => "initial_concurrency",
+        "limit.min" => "min_concurrency",
+        "limit.max" => "max_concurrency",
+        "pacing.requests_per_minute" => "rpm",
+        "pacing.tokens_per_minute" => "tpm",
+        "tokens.chars_per_token" => "chars_per_token",
+        "tokens.prompt_share" => "prompt_share",
         other => other,
     }
 }
 
-/// A rejected configuration field as a Python `ValueError` naming the argument.
+/// A rejected configuration field as a Python `ValueError` naming the argument; a backend's field
+/// is named with its position (`backends[1].endpoint`).
 pub(crate) fn config_error(err: &ConfigError) -> PyErr {
-    PyValueError::new_err(format!(
-        "invalid `{}`: {}",
-        argument_name(err.field()),
-        err.reason()
-    ))
+    let field = err.field();
+    let name = match (
+        field.strip_prefix("backends."),
+        err.reason().strip_prefix("backends["),
+    ) {
+        (Some(sub), Some(rest)) => match rest.split_once(']') {
+            Some((index, _)) => format!("backends[{index}].{sub}"),
+            None => field.to_owned(),
+        },
+        _ => argument_name(field).to_owned(),
+    };
+    PyValueError::new_err(format!("invalid `{name}`: {}", err.reason()))
 }
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
@@ -109,20 +179,47 @@ fn count(name: &str, value: i64) -> PyResult<u32> {
     })
 }
 
-pub(crate) struct Shared {
-    pub(crate) settings: Settings,
-    policy: RetryPolicy,
-    budget: Mutex<RetryBudget>,
-    rng: Mutex<fastrand::Rng>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the budget or the RNG invalid.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the core in a state worse than its last step.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The retry policy, retry budget and random source shared by every call of one transport (or of
-/// several transports given the same engine).
+/// The core engine and the transport's clock floor.
+pub(crate) struct CoreState {
+    pub(crate) engine: Core,
+    /// Time never reads earlier than this: after a driver's sleep returns, the engine sees the
+    /// slept time as passed even when the sleep was a test's fake that returns at once.
+    floor: Option<Instant>,
+}
+
+impl CoreState {
+    /// The engine's `now` and the matching wall-clock time.
+    pub(crate) fn now(&self) -> (Instant, SystemTime) {
+        let real = Instant::now();
+        let wall = SystemTime::now();
+        match self.floor {
+            Some(floor) if floor > real => (floor, wall + (floor - real)),
+            _ => (real, wall),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) settings: Settings,
+    load: Load,
+    pub(crate) core: Mutex<CoreState>,
+    /// A copy of the backends for rewriting outside the engine's lock (a token provider runs
+    /// Python code).
+    backends: Backends,
+    passthrough: bool,
+    provider_error: ProviderError,
+    /// The configured Python backends, for `Engine.backends`.
+    py_backends: Vec<Py<Backend>>,
+}
+
+/// The whole call policy shared by every call of a transport (or of several transports given the
+/// same engine): retry policy and budget, backends and their cooldowns, blocks and breakers, the
+/// adaptive concurrency limit and pacing of each backend, and the statistics.
 ///
 /// Built from validated settings; a bad value raises `ValueError` naming the argument.
 #[pyclass(frozen, module = "tower_aoai._core")]
@@ -135,6 +232,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (
         *,
+        backends = None,
         max_attempts = i64::from(RetryPolicy::default().max_attempts()),
         deadline = RetryPolicy::default().deadline().map(|d| d.as_secs_f64()),
         max_wait = RetryPolicy::default().max_wait().as_secs_f64(),
@@ -145,9 +243,20 @@ impl Engine {
         budget_min_per_sec = DEFAULT_BUDGET_MIN_PER_SEC,
         budget_ratio = DEFAULT_BUDGET_RATIO,
         seed = None,
+        initial_concurrency = None,
+        min_concurrency = i64::from(LimitConfig::default().min()),
+        max_concurrency = i64::from(LimitConfig::default().max()),
+        rpm = None,
+        tpm = None,
+        queue_timeout = DEFAULT_QUEUE_TIMEOUT,
+        chars_per_token = None,
+        prompt_share = None,
+        default_completion_tokens = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
+        backends: Option<Vec<Bound<'_, Backend>>>,
         max_attempts: i64,
         deadline: Option<f64>,
         max_wait: f64,
@@ -158,6 +267,15 @@ impl Engine {
         budget_min_per_sec: i64,
         budget_ratio: f64,
         seed: Option<u64>,
+        initial_concurrency: Option<i64>,
+        min_concurrency: i64,
+        max_concurrency: i64,
+        rpm: Option<f64>,
+        tpm: Option<f64>,
+        queue_timeout: f64,
+        chars_per_token: Option<f64>,
+        prompt_share: Option<f64>,
+        default_completion_tokens: Option<u64>,
     ) -> PyResult<Self> {
         let settings = Settings {
             max_attempts: count("max_attempts", max_attempts)?,
@@ -171,19 +289,55 @@ impl Engine {
             budget_ratio: fraction("budget_ratio", budget_ratio)?,
             seed,
         };
-        Self::from_settings(settings)
+        let d = TokenEstimator::default();
+        let defaults = (4.0, 1.0, d.default_completion_tokens());
+        let tokens = TokenEstimator::new(
+            chars_per_token.unwrap_or(defaults.0),
+            prompt_share.unwrap_or(defaults.1),
+            default_completion_tokens.unwrap_or(defaults.2),
+        )
+        .map_err(|e| config_error(&e))?;
+        let load = Load {
+            initial_concurrency: initial_concurrency
+                .map(|n| count("initial_concurrency", n))
+                .transpose()?,
+            min_concurrency: count("min_concurrency", min_concurrency)?,
+            max_concurrency: count("max_concurrency", max_concurrency)?,
+            rpm,
+            tpm,
+            queue_timeout: seconds("queue_timeout", queue_timeout)?,
+            tokens,
+        };
+        Self::build(py, settings, load, backends)
     }
 
-    /// Opens a call: one user request, however many attempts it takes.
-    fn start(&self) -> Call {
-        let state = {
-            let mut budget = lock(&self.shared.budget);
-            self.shared.policy.start(Instant::now(), None, &mut budget)
-        };
+    /// Opens a call: one user request, however many attempts it takes. `body` is the request
+    /// body, for the token estimate that pacing charges.
+    #[pyo3(signature = (body = None))]
+    fn start(&self, body: Option<&[u8]>) -> Call {
+        let mut core = lock(&self.shared.core);
+        let (now, _) = core.now();
+        let call = core.engine.start(now, body.unwrap_or_default(), None);
+        drop(core);
         Call {
             shared: self.shared.clone(),
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(CallState {
+                call,
+                wait_until: None,
+            })),
         }
+    }
+
+    /// Whether requests go where they already point (no backends configured).
+    #[getter]
+    fn passthrough(&self) -> bool {
+        self.shared.passthrough
+    }
+
+    /// The configured backends (empty for a passthrough engine).
+    #[getter]
+    fn backends<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.shared.py_backends.iter().map(|b| b.clone_ref(py)))
     }
 
     /// Total attempts per call, the first included.
@@ -216,7 +370,7 @@ impl Engine {
         self.shared.settings.backoff_cap.as_secs_f64()
     }
 
-    /// The largest fraction added on top of a server hint.
+    /// The largest fraction added on top of a server hint (retry waits and cooldowns alike).
     #[getter]
     fn hint_jitter(&self) -> f64 {
         self.shared.settings.hint_jitter
@@ -246,14 +400,95 @@ impl Engine {
         self.shared.settings.seed
     }
 
-    /// Retries the budget still allows now.
-    fn budget_remaining(&self) -> u32 {
-        lock(&self.shared.budget).remaining(Instant::now())
+    /// The concurrency limit each backend starts at.
+    #[getter]
+    fn initial_concurrency(&self) -> u32 {
+        self.shared.load.limit().initial()
     }
 
-    fn __repr__(&self) -> String {
-        let s = &self.shared.settings;
-        format!("Engine({})", settings_repr(s))
+    /// The lowest concurrency limit.
+    #[getter]
+    fn min_concurrency(&self) -> u32 {
+        self.shared.load.min_concurrency
+    }
+
+    /// The highest concurrency limit.
+    #[getter]
+    fn max_concurrency(&self) -> u32 {
+        self.shared.load.max_concurrency
+    }
+
+    /// Known requests-per-minute quota of every backend without its own.
+    #[getter]
+    fn rpm(&self) -> Option<f64> {
+        self.shared.load.rpm
+    }
+
+    /// Known tokens-per-minute quota of every backend without its own.
+    #[getter]
+    fn tpm(&self) -> Option<f64> {
+        self.shared.load.tpm
+    }
+
+    /// The longest a call waits for a concurrency permit, in seconds.
+    #[getter]
+    fn queue_timeout(&self) -> f64 {
+        self.shared.load.queue_timeout.as_secs_f64()
+    }
+
+    /// Retries the budget still allows now.
+    fn budget_remaining(&self) -> u32 {
+        let core = lock(&self.shared.core);
+        let (now, _) = core.now();
+        core.engine.budget_remaining(now)
+    }
+
+    /// Counters and gauges per backend, and recent 403 support records, as plain dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let snapshot = {
+            let mut core = lock(&self.shared.core);
+            let (now, wall) = core.now();
+            core.engine.stats(now, wall).clone()
+        };
+        stats_dict(py, &snapshot)
+    }
+
+    /// Why throttling happened, from what was observed: quota, capacity, provisioned, region;
+    /// and the support record of each 403 block.
+    fn diagnose(&self) -> Diagnosis {
+        let diagnosis = {
+            let mut core = lock(&self.shared.core);
+            let (now, wall) = core.now();
+            core.engine.diagnose(now, wall)
+        };
+        Diagnosis::new(diagnosis)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let s = &self.shared;
+        let backends = if s.passthrough {
+            "None".to_owned()
+        } else {
+            let names: Vec<String> = s
+                .py_backends
+                .iter()
+                .map(|b| format!("{:?}", b.bind(py).get().name_str()))
+                .collect();
+            format!("[{}]", names.join(", "))
+        };
+        let limit = s.load.limit();
+        let num = |v: Option<f64>| v.map_or_else(|| "None".to_owned(), |x| format!("{x:?}"));
+        format!(
+            "Engine({}, backends={backends}, initial_concurrency={}, min_concurrency={}, \
+             max_concurrency={}, rpm={}, tpm={}, queue_timeout={:?})",
+            settings_repr(&s.settings),
+            limit.initial(),
+            limit.min(),
+            limit.max(),
+            num(s.load.rpm),
+            num(s.load.tpm),
+            s.load.queue_timeout.as_secs_f64(),
+        )
     }
 }
 
@@ -277,34 +512,103 @@ pub(crate) fn settings_repr(s: &Settings) -> String {
     )
 }
 
+/// The core configuration from the glue's settings.
+pub(crate) fn engine_config(
+    settings: &Settings,
+    load: &Load,
+    per_backend: Vec<(String, PacingConfig)>,
+) -> Result<EngineConfig, ConfigError> {
+    Ok(EngineConfig {
+        retry: settings.policy()?,
+        budget: settings.budget()?,
+        route: settings.route()?,
+        limit: load.limit(),
+        pacing: load.pacing(load.rpm, load.tpm),
+        pacing_by_backend: per_backend,
+        tokens: load.tokens,
+        queue_timeout: load.queue_timeout,
+        seed: settings.seed,
+    })
+}
+
 impl Engine {
-    pub(crate) fn from_settings(settings: Settings) -> PyResult<Self> {
-        let policy = settings.policy().map_err(|e| config_error(&e))?;
-        let budget = settings.budget().map_err(|e| config_error(&e))?;
+    fn build(
+        py: Python<'_>,
+        settings: Settings,
+        load: Load,
+        backends: Option<Vec<Bound<'_, Backend>>>,
+    ) -> PyResult<Self> {
+        let provider_error: ProviderError = Arc::new(Mutex::new(None));
+        let mut per_backend = Vec::new();
+        let core_backends = match &backends {
+            None => None,
+            Some(list) => {
+                let mut core = Vec::with_capacity(list.len());
+                for (i, b) in list.iter().enumerate() {
+                    let b = b.get();
+                    let (rpm, tpm) = b.quotas();
+                    if rpm.is_some() || tpm.is_some() {
+                        let pacing = load.pacing(rpm.or(load.rpm), tpm.or(load.tpm));
+                        // The core checks the quotas; name the backend's own argument.
+                        Pacer::new(pacing).map_err(|e| {
+                            let arg = if e.field().ends_with("requests_per_minute") {
+                                "rpm"
+                            } else {
+                                "tpm"
+                            };
+                            PyValueError::new_err(format!(
+                                "invalid `backends[{i}].{arg}`: {}",
+                                e.reason()
+                            ))
+                        })?;
+                        per_backend.push((b.name_str().to_owned(), pacing));
+                    }
+                    core.push(b.to_core(py, &provider_error));
+                }
+                Some(Backends::new(core).map_err(|e| config_error(&e))?)
+            }
+        };
+        let config = engine_config(&settings, &load, per_backend).map_err(|e| config_error(&e))?;
+        let engine = Core::new(core_backends, config).map_err(|e| config_error(&e))?;
+        let passthrough = engine.is_passthrough();
+        let copy = engine.backends().clone();
         Ok(Self {
             shared: Arc::new(Shared {
                 settings,
-                policy,
-                budget: Mutex::new(budget),
-                rng: Mutex::new(settings.rng()),
+                load,
+                core: Mutex::new(CoreState {
+                    engine,
+                    floor: None,
+                }),
+                backends: copy,
+                passthrough,
+                provider_error,
+                py_backends: backends
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Bound::unbind)
+                    .collect(),
             }),
         })
     }
 }
 
-/// One user request through its attempts: feed it each attempt's outcome, carry out the action.
+pub(crate) struct CallState {
+    call: EngineCall,
+    /// When the wait the driver was last told to do ends.
+    wait_until: Option<Instant>,
+}
+
+/// One user request through its attempts: ask [`next`](Call::next) what to do, carry it out.
 ///
-/// Actions are tuples `(kind, delay_seconds, reason)`:
-/// `("return", None, None)`: hand the response (or re-raise the error) to the caller;
-/// `("retry", delay, outcome)`: close the response, sleep `delay`, send again;
-/// `("give_up", None, reason)`: return the response marked `x-should-retry: false` (or re-raise).
+/// `next()` answers `("send", Attempt)`, `("wait", seconds)` (sleep, then ask again),
+/// `("queue", seconds)` (wait until an attempt of this engine ends, or that long, then ask
+/// again) or `("fail", Failure)` (raise).
 #[pyclass(frozen, module = "tower_aoai._core")]
 pub struct Call {
     shared: Arc<Shared>,
-    state: Mutex<tower_aoai::policy::CallState>,
+    state: Arc<Mutex<CallState>>,
 }
-
-type PyAction = (&'static str, Option<f64>, Option<&'static str>);
 
 #[pymethods]
 impl Call {
@@ -315,7 +619,182 @@ impl Call {
         StatusCode::from_u16(status).is_ok_and(classify::needs_body)
     }
 
-    /// Decides what follows a response: `status`, raw `headers` (an iterable of `(bytes, bytes)`,
+    /// What the call does next. Call it again only after carrying out a `wait` or `queue`.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let mut state = lock(&self.state);
+        let next = {
+            let mut core = lock(&self.shared.core);
+            if let Some(until) = state.wait_until.take() {
+                // The driver slept until `until`: time has passed that far, whatever the clock
+                // says (a fake sleep returns at once).
+                core.floor = Some(core.floor.map_or(until, |f| f.max(until)));
+            }
+            let (now, _) = core.now();
+            let next = core.engine.next(&mut state.call, now);
+            if let Next::Wait(d) = &next {
+                state.wait_until = now.checked_add(*d);
+            }
+            next
+        };
+        drop(state);
+        match next {
+            Next::Send(ticket) => {
+                let id = ticket.backend();
+                let attempt = Attempt {
+                    shared: self.shared.clone(),
+                    call: self.state.clone(),
+                    ticket: Mutex::new(Some(ticket)),
+                    backend: id,
+                    support_request: Mutex::new(None),
+                };
+                let attempt = Bound::new(py, attempt)?;
+                PyTuple::new(py, [intern_str(py, "send"), attempt.into_any()])
+            }
+            Next::Wait(d) => PyTuple::new(
+                py,
+                [
+                    intern_str(py, "wait"),
+                    d.as_secs_f64().into_pyobject(py)?.into_any(),
+                ],
+            ),
+            Next::Queue(d) => PyTuple::new(
+                py,
+                [
+                    intern_str(py, "queue"),
+                    d.as_secs_f64().into_pyobject(py)?.into_any(),
+                ],
+            ),
+            Next::Fail(failure) => {
+                let failure = Bound::new(py, FailureInfo::new(failure))?;
+                PyTuple::new(py, [intern_str(py, "fail"), failure.into_any()])
+            }
+            // A decision a later core adds that this glue does not carry out: fail loudly.
+            other => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "unsupported engine decision: {other:?}"
+            ))),
+        }
+    }
+
+    /// Attempts sent so far.
+    #[getter]
+    fn attempts(&self) -> u32 {
+        lock(&self.state).call.attempts()
+    }
+
+    /// The latest attempt's outcome (`"success"`, `"throttled_quota"`, `"blocked"`, ...), if any.
+    #[getter]
+    fn last_outcome(&self) -> Option<&'static str> {
+        lock(&self.state).call.last_outcome().map(|o| o.as_str())
+    }
+
+    /// The estimated tokens of the call's request.
+    #[getter]
+    fn tokens(&self) -> u64 {
+        lock(&self.state).call.tokens()
+    }
+
+    /// Seconds left before the call's deadline (`None`: no deadline).
+    fn remaining(&self) -> Option<f64> {
+        let state = lock(&self.state);
+        let deadline = state.call.deadline()?;
+        let (now, _) = lock(&self.shared.core).now();
+        Some(deadline.saturating_duration_since(now).as_secs_f64())
+    }
+
+    fn __repr__(&self) -> String {
+        let state = lock(&self.state);
+        format!(
+            "Call(attempts={}, last_outcome={})",
+            state.call.attempts(),
+            state
+                .call
+                .last_outcome()
+                .map_or_else(|| "None".to_owned(), |o| format!("{:?}", o.as_str()))
+        )
+    }
+}
+
+fn intern_str<'py>(py: Python<'py>, s: &'static str) -> Bound<'py, PyAny> {
+    pyo3::types::PyString::intern(py, s).into_any()
+}
+
+/// What follows an attempt: `(action, outcome, reason)` with action `"return"`, `"retry"` or
+/// `"give_up"`, the attempt's outcome, and the give-up reason.
+type PyAfter = (&'static str, &'static str, Option<&'static str>);
+
+/// One send of a call, owning its concurrency permit. Report exactly one outcome
+/// (`on_response`, `on_error` or `cancel`); an attempt dropped without one is cancelled, so a
+/// cancelled request (asyncio `CancelledError`, `KeyboardInterrupt`) releases its permit.
+#[pyclass(frozen, module = "tower_aoai._core")]
+pub struct Attempt {
+    shared: Arc<Shared>,
+    call: Arc<Mutex<CallState>>,
+    ticket: Mutex<Option<Ticket>>,
+    backend: BackendId,
+    support_request: Mutex<Option<String>>,
+}
+
+#[pymethods]
+impl Attempt {
+    /// The backend's name (`"default"` for a passthrough engine).
+    #[getter]
+    fn backend(&self) -> &str {
+        self.shared.backends.get(self.backend).name()
+    }
+
+    /// The backend's region label, if configured.
+    #[getter]
+    fn region(&self) -> Option<&str> {
+        self.shared.backends.get(self.backend).region()
+    }
+
+    /// Whether the request must be rewritten for the backend (`False` for a passthrough engine).
+    #[getter]
+    fn rewrites(&self) -> bool {
+        !self.shared.passthrough
+    }
+
+    /// Whether the attempt is still waiting for its outcome.
+    #[getter]
+    fn open(&self) -> bool {
+        lock(&self.ticket).is_some()
+    }
+
+    /// The request rewritten for the backend: `(url, headers, body)`; `body` is `None` when the
+    /// original body is kept. Headers are `(bytes, bytes)` pairs, auth replaced by the backend's.
+    fn rewrite<'py>(
+        &self,
+        py: Python<'py>,
+        url: &str,
+        headers: &Bound<'py, PyAny>,
+        body: Option<&[u8]>,
+    ) -> PyResult<(String, Bound<'py, PyList>, Option<Bound<'py, PyBytes>>)> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("invalid `url`: {e}")))?;
+        let mut parts = http::Request::new(()).into_parts().0;
+        parts.uri = uri;
+        parts.headers = header_map(py, headers)?;
+        let rewritten = self.shared.backends.rewrite(self.backend, &mut parts, body);
+        if let Some(err) = lock(&self.shared.provider_error).take() {
+            return Err(err);
+        }
+        let new_body = rewritten.map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let pairs = PyList::empty(py);
+        for (name, value) in &parts.headers {
+            pairs.append((
+                PyBytes::new(py, name.as_str().as_bytes()),
+                PyBytes::new(py, value.as_bytes()),
+            ))?;
+        }
+        Ok((
+            parts.uri.to_string(),
+            pairs,
+            new_body.map(|b| PyBytes::new(py, &b)),
+        ))
+    }
+
+    /// Feeds the attempt's response: `status`, raw `headers` (an iterable of `(bytes, bytes)`,
     /// such as `response.headers.raw`) and, for statuses that need it, the body's first bytes.
     #[pyo3(signature = (status, headers, body_prefix = None))]
     fn on_response(
@@ -324,20 +803,42 @@ impl Call {
         status: u16,
         headers: &Bound<'_, PyAny>,
         body_prefix: Option<&[u8]>,
-    ) -> PyResult<PyAction> {
+    ) -> PyResult<PyAfter> {
         let status = StatusCode::from_u16(status).map_err(|_| {
             PyValueError::new_err(format!(
                 "invalid `status`: must be between 100 and 999, got {status}"
             ))
         })?;
         let headers = header_map(py, headers)?;
-        let class = classify::classify_response(status, &headers, body_prefix, SystemTime::now());
-        Ok(self.decide(&class))
+        let ticket = self.take_ticket()?;
+        let mut state = lock(&self.call);
+        let mut core = lock(&self.shared.core);
+        let (now, wall) = core.now();
+        let after = core.engine.on_response(
+            &mut state.call,
+            ticket,
+            status,
+            &headers,
+            body_prefix,
+            now,
+            wall,
+        );
+        let outcome = state.call.last_outcome();
+        if outcome == Some(tower_aoai::policy::Outcome::Blocked) {
+            let text = core
+                .engine
+                .stats(now, wall)
+                .blocks()
+                .last()
+                .map(|r| r.support_request());
+            *lock(&self.support_request) = text;
+        }
+        Ok(py_after(after, outcome))
     }
 
-    /// Decides what follows an attempt that got no response: `kind` is `"timeout"` or
-    /// `"connect"` (any other transport failure).
-    fn on_error(&self, kind: &str) -> PyResult<PyAction> {
+    /// Feeds an attempt that got no response: `kind` is `"timeout"` or `"connect"` (any other
+    /// transport failure).
+    fn on_error(&self, kind: &str) -> PyResult<PyAfter> {
         let error = match kind {
             "timeout" => TransportError::Timeout,
             "connect" => TransportError::Connect,
@@ -347,60 +848,121 @@ impl Call {
                 )));
             }
         };
-        Ok(self.decide(&classify::classify_error(error)))
+        let ticket = self.take_ticket()?;
+        let mut state = lock(&self.call);
+        let mut core = lock(&self.shared.core);
+        let (now, wall) = core.now();
+        let after = core
+            .engine
+            .on_error(&mut state.call, ticket, error, now, wall);
+        Ok(py_after(after, state.call.last_outcome()))
     }
 
-    /// Attempts made so far.
+    /// Ends the attempt without an outcome (cancelled): its permit goes back. Idempotent.
+    fn cancel(&self) {
+        self.release();
+    }
+
+    /// For a 403 block: the text of a support request (resource, region, apim-request-id, time,
+    /// the response without secrets).
     #[getter]
-    fn attempts(&self) -> u32 {
-        lock(&self.state).attempts()
-    }
-
-    /// The last attempt's outcome (`"success"`, `"throttled_quota"`, `"blocked"`, ...), if any.
-    #[getter]
-    fn last_outcome(&self) -> Option<&'static str> {
-        lock(&self.state).last_outcome().map(|o| o.as_str())
-    }
-
-    /// Seconds left before the call's deadline (`None`: no deadline).
-    fn remaining(&self) -> Option<f64> {
-        lock(&self.state)
-            .remaining(Instant::now())
-            .map(|d| d.as_secs_f64())
+    fn support_request(&self) -> Option<String> {
+        lock(&self.support_request).clone()
     }
 
     fn __repr__(&self) -> String {
-        let state = lock(&self.state);
         format!(
-            "Call(attempts={}, last_outcome={})",
-            state.attempts(),
-            state
-                .last_outcome()
-                .map_or_else(|| "None".to_owned(), |o| format!("{:?}", o.as_str()))
+            "Attempt(backend={:?}, open={})",
+            self.shared.backends.get(self.backend).name(),
+            lock(&self.ticket).is_some()
         )
     }
 }
 
-impl Call {
-    fn decide(&self, class: &Classification) -> PyAction {
-        let mut state = lock(&self.state);
-        let action = {
-            let mut budget = lock(&self.shared.budget);
-            let mut rng = lock(&self.shared.rng);
-            self.shared
-                .policy
-                .on_attempt(&mut state, class, Instant::now(), &mut budget, &mut rng)
-        };
-        match action {
-            Action::Retry { after, .. } => (
-                "retry",
-                Some(after.as_secs_f64()),
-                Some(class.outcome.as_str()),
-            ),
-            Action::GiveUp(reason) => ("give_up", None, Some(reason.as_str())),
-            // `Return`, and any action a later core adds that this glue does not carry out yet.
-            _ => ("return", None, None),
+impl Attempt {
+    fn take_ticket(&self) -> PyResult<Ticket> {
+        lock(&self.ticket).take().ok_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err("this attempt already has its outcome")
+        })
+    }
+
+    fn release(&self) {
+        if let Some(ticket) = lock(&self.ticket).take() {
+            let mut core = lock(&self.shared.core);
+            let (now, _) = core.now();
+            core.engine.on_cancel(ticket, now);
         }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn py_after(after: After, outcome: Option<tower_aoai::policy::Outcome>) -> PyAfter {
+    let outcome = outcome.map_or("unknown", |o| o.as_str());
+    match after {
+        After::Retry => ("retry", outcome, None),
+        After::GiveUp(reason) => ("give_up", outcome, Some(reason.as_str())),
+        // `Return`, and any decision a later core adds: hand the answer up as it is.
+        _ => ("return", outcome, None),
+    }
+}
+
+/// Why a call cannot be served: `kind` (`"blocked"`, `"overloaded"`, `"no_backend"`,
+/// `"deadline_exceeded"`), a message, and for a block the support record.
+#[pyclass(frozen, name = "Failure", module = "tower_aoai._core")]
+pub struct FailureInfo {
+    failure: Failure,
+}
+
+impl FailureInfo {
+    fn new(failure: Failure) -> Self {
+        Self { failure }
+    }
+}
+
+#[pymethods]
+impl FailureInfo {
+    /// `"blocked"`, `"overloaded"`, `"no_backend"` or `"deadline_exceeded"`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match &self.failure {
+            Failure::Blocked(_) => "blocked",
+            Failure::Overloaded => "overloaded",
+            Failure::NoBackend => "no_backend",
+            _ => "deadline_exceeded",
+        }
+    }
+
+    /// What happened, in a sentence.
+    #[getter]
+    fn message(&self) -> String {
+        self.failure.to_string()
+    }
+
+    /// For a block: the support record as a dict.
+    #[getter]
+    fn record<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match &self.failure {
+            Failure::Blocked(record) => record_dict(py, record).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// For a block: the text of a support request.
+    #[getter]
+    fn support_request(&self) -> Option<String> {
+        match &self.failure {
+            Failure::Blocked(record) => Some(record.support_request()),
+            _ => None,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Failure({:?})", self.kind())
     }
 }
 
@@ -439,7 +1001,7 @@ fn log_skipped_header(py: Python<'_>, name: &[u8]) {
     let logged = py.import("logging").and_then(|logging| {
         logging
             .call_method1("getLogger", ("tower_aoai",))?
-            .call_method1("debug", ("skipping an invalid response header %r", shown))
+            .call_method1("debug", ("skipping an invalid header %r", shown))
     });
     // Logging must never fail a call.
     drop(logged);
@@ -461,6 +1023,18 @@ mod tests {
             budget_min_per_sec: u32::try_from(DEFAULT_BUDGET_MIN_PER_SEC).unwrap(),
             budget_ratio: DEFAULT_BUDGET_RATIO,
             seed: Some(1),
+        }
+    }
+
+    fn load() -> Load {
+        Load {
+            initial_concurrency: None,
+            min_concurrency: 1,
+            max_concurrency: 256,
+            rpm: None,
+            tpm: None,
+            queue_timeout: Duration::from_secs(30),
+            tokens: TokenEstimator::default(),
         }
     }
 
@@ -492,9 +1066,7 @@ mod tests {
         for breaks in broken {
             let mut settings = defaults();
             breaks(&mut settings);
-            let err = settings
-                .policy()
-                .and_then(|_| settings.budget())
+            let err = engine_config(&settings, &load(), Vec::new())
                 .expect_err("broken settings must be rejected");
             let name = argument_name(err.field());
             assert!(arguments.contains(&name), "{} -> {name}", err.field());
@@ -513,6 +1085,30 @@ mod tests {
                 "budget_ratio"
             ]
         );
+    }
+
+    /// The limiter's and pacing's fields name the Python arguments too.
+    #[test]
+    fn load_fields_name_python_arguments() {
+        let mut l = load();
+        l.min_concurrency = 0;
+        let err = Core::new(None, engine_config(&defaults(), &l, Vec::new()).unwrap())
+            .expect_err("min 0 is rejected");
+        assert_eq!(argument_name(err.field()), "min_concurrency");
+        let mut l = load();
+        l.initial_concurrency = Some(300);
+        let err = Core::new(None, engine_config(&defaults(), &l, Vec::new()).unwrap())
+            .expect_err("initial above max is rejected");
+        assert_eq!(argument_name(err.field()), "initial_concurrency");
+        let mut l = load();
+        l.rpm = Some(-1.0);
+        let err = Core::new(None, engine_config(&defaults(), &l, Vec::new()).unwrap())
+            .expect_err("a negative rpm is rejected");
+        assert_eq!(argument_name(err.field()), "rpm");
+        // Only a max: the start is clamped under it rather than rejected.
+        let mut l = load();
+        l.max_concurrency = 2;
+        assert_eq!(l.limit().initial(), 2);
     }
 
     /// The glue's defaults build the core's own defaults.
@@ -536,6 +1132,8 @@ mod tests {
             assert!(ours.try_withdraw(t0));
         }
         assert!(!ours.try_withdraw(t0));
+        assert_eq!(load().limit(), LimitConfig::default());
+        assert_eq!(load().queue_timeout, EngineConfig::default().queue_timeout);
     }
 
     #[test]

@@ -1,30 +1,35 @@
 //! Python bindings of tower-aoai: the module `tower_aoai._core`.
 //!
-//! A small sans-IO surface over `tower_aoai::policy`: an [`Engine`] (policy, retry budget, random
-//! source) opens one [`Call`] per request; the Python transports feed each attempt's outcome to
-//! the call and carry out the action it answers (return, sleep and retry, give up). Every decision
-//! is the Rust core's; the transports in `python/tower_aoai/` only send, sleep and return.
-//!
-//! The engine is where later capabilities (a permit per attempt from the adaptive limiter, the
-//! choice of backend) plug in: a call may then also answer "wait for a permit" or "send to this
-//! backend", without changing the transports' loop.
+//! A sans-IO surface over `tower_aoai::policy::engine::Engine` (retry, route, limit and pace,
+//! observe): an [`Engine`] opens one [`Call`] per request; the call says what to do next (send an
+//! [`Attempt`] to a backend, wait, queue for a permit, fail); the Python transports carry it out
+//! and feed each attempt's outcome back. Every decision is the Rust core's; the transports in
+//! `python/tower_aoai/` only rewrite (through Rust), send, sleep and return.
 //!
 //! pyo3's `#[pymodule]`/`#[pyclass]` macros generate code that needs `unsafe`, hence no
 //! `forbid(unsafe_code)` here.
 
+mod backend;
 mod engine;
 mod parity;
+mod report;
 
 use pyo3::prelude::*;
 
-pub use engine::{Call, Engine};
+pub use backend::Backend;
+pub use engine::{Attempt, Call, Engine, FailureInfo};
 pub use parity::_run_retry_layer;
+pub use report::Diagnosis;
 
 /// The native part of the `tower_aoai` package.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Call>()?;
+    m.add_class::<Attempt>()?;
+    m.add_class::<Backend>()?;
+    m.add_class::<FailureInfo>()?;
+    m.add_class::<Diagnosis>()?;
     m.add_function(wrap_pyfunction!(_run_retry_layer, m)?)?;
     m.add(
         "MAX_ERROR_BODY",

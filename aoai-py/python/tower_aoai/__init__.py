@@ -8,16 +8,37 @@
         http_client=httpx2.Client(transport=tower_aoai.Transport()),
     )
 
+Several deployments (failover across regions, provisioned first, a 403 block isolating its
+resource), the adaptive concurrency limit and pacing::
+
+    transport = tower_aoai.Transport(
+        backends=[
+            tower_aoai.Backend("ptu", "https://ptu.example", deployment="gpt-4o", tier=0, api_key=k0),
+            tower_aoai.Backend("east", "https://east.example", deployment="gpt-4o", api_key=k1, tpm=450_000),
+            tower_aoai.Backend("west", "https://west.example", deployment="gpt-4o", api_key=k2),
+        ],
+        max_concurrency=32,
+    )
+    transport.stats()            # counters and gauges per backend, plain dicts
+    print(transport.diagnose())  # quota, capacity or region? and the 403 support records
+
+When no backend can serve, the transport raises ``BlockedError`` (with ``.record`` and
+``.support_request``), ``OverloadedError`` or ``NoBackendError`` (all ``TowerAoaiError``). They are
+not httpx errors, so openai >= 3 lets them through unchanged and does not retry them; openai < 3
+wraps them in ``openai.APIConnectionError`` (``__cause__`` is ours).
+
 ``HttpxTransport`` / ``AsyncHttpxTransport`` are the same for the legacy ``httpx`` (openai < 3;
 ``pip install 'tower-aoai[legacy]'``), imported on first use. Every decision (is this a throttle,
-how long to wait, may we retry) is made by the Rust core in ``tower_aoai._core``.
+how long to wait, which backend, may this attempt go now) is made by the Rust core in
+``tower_aoai._core``. Logging goes to the ``tower_aoai`` logger and never shows a key or token.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._core import MAX_ERROR_BODY, Call, Engine, __version__
+from ._core import MAX_ERROR_BODY, Attempt, Backend, Call, Diagnosis, Engine, Failure, __version__
+from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
 from ._transports import AsyncTransport, Transport
 
 if TYPE_CHECKING:
@@ -27,9 +48,18 @@ __all__ = [
     "MAX_ERROR_BODY",
     "AsyncHttpxTransport",
     "AsyncTransport",
+    "Attempt",
+    "Backend",
+    "BlockedError",
     "Call",
+    "DeadlineExceededError",
+    "Diagnosis",
     "Engine",
+    "Failure",
     "HttpxTransport",
+    "NoBackendError",
+    "OverloadedError",
+    "TowerAoaiError",
     "Transport",
     "__version__",
 ]

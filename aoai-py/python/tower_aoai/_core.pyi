@@ -1,26 +1,78 @@
-"""Native part of tower_aoai: a sans-IO surface over the Rust policy core."""
+"""Native part of tower_aoai: a sans-IO surface over the Rust policy engine."""
 
-from collections.abc import Iterable
-from typing import Final, Literal, final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Literal, final
 
-__all__ = ["Engine", "Call", "_run_retry_layer", "MAX_ERROR_BODY", "__version__"]
+__all__ = [
+    "Attempt",
+    "Backend",
+    "Call",
+    "Diagnosis",
+    "Engine",
+    "Failure",
+    "_run_retry_layer",
+    "MAX_ERROR_BODY",
+    "__version__",
+]
 __version__: Final[str]
 #: How many bytes of an error body are read to classify it.
 MAX_ERROR_BODY: Final[int]
 
-#: ``(kind, delay_seconds, reason)``: ``("return", None, None)``, ``("retry", delay, outcome)`` or
-#: ``("give_up", None, reason)``.
-_Action = tuple[Literal["return", "retry", "give_up"], float | None, str | None]
+#: ``(action, outcome, reason)``: action ``"return"``, ``"retry"`` or ``"give_up"``; the attempt's
+#: outcome (``"success"``, ``"throttled_quota"``, ``"blocked"``, ...); the give-up reason.
+_After = tuple[Literal["return", "retry", "give_up"], str, str | None]
+_Next = (
+    tuple[Literal["send"], Attempt]
+    | tuple[Literal["wait", "queue"], float]
+    | tuple[Literal["fail"], Failure]
+)
+
+@final
+class Backend:
+    """One deployment a transport may send to. ``repr()`` never shows the key or token."""
+
+    def __new__(
+        cls,
+        name: str,
+        endpoint: str,
+        *,
+        deployment: str | None = None,
+        region: str | None = None,
+        api_key: str | None = None,
+        token_provider: Callable[[], str] | None = None,
+        tier: int = 1,
+        weight: int = 1,
+        rpm: float | None = None,
+        tpm: float | None = None,
+    ) -> Backend: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def deployment(self) -> str | None: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def tier(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def rpm(self) -> float | None: ...
+    @property
+    def tpm(self) -> float | None: ...
 
 @final
 class Engine:
-    """Retry policy, retry budget and jitter source shared by every call of a transport."""
+    """Retry, backends, adaptive limit, pacing and statistics shared by every call of a transport."""
 
     # Defaults (from the Rust core): max_attempts 5, deadline 120 s, max_wait 60 s, backoff 0.5 s
-    # doubling to 8 s, hint_jitter 0.1, budget 10 s window, 10 retries/s, ratio 0.2.
+    # doubling to 8 s, hint_jitter 0.1, budget 10 s window, 10 retries/s, ratio 0.2; concurrency
+    # starts at 4 within [1, 256]; no known rpm/tpm (learned from headers); queue_timeout 30 s.
     def __new__(
         cls,
         *,
+        backends: list[Backend] | None = None,
         max_attempts: int = ...,
         deadline: float | None = ...,
         max_wait: float = ...,
@@ -31,9 +83,22 @@ class Engine:
         budget_min_per_sec: int = ...,
         budget_ratio: float = ...,
         seed: int | None = None,
+        initial_concurrency: int | None = None,
+        min_concurrency: int = ...,
+        max_concurrency: int = ...,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        queue_timeout: float = ...,
+        chars_per_token: float | None = None,
+        prompt_share: float | None = None,
+        default_completion_tokens: int | None = None,
     ) -> Engine: ...
-    def start(self) -> Call:
+    def start(self, body: bytes | None = None) -> Call:
         """Opens a call: one user request, however many attempts it takes."""
+    @property
+    def passthrough(self) -> bool: ...
+    @property
+    def backends(self) -> list[Backend]: ...
     @property
     def max_attempts(self) -> int: ...
     @property
@@ -54,8 +119,28 @@ class Engine:
     def budget_ratio(self) -> float: ...
     @property
     def seed(self) -> int | None: ...
+    @property
+    def initial_concurrency(self) -> int: ...
+    @property
+    def min_concurrency(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def rpm(self) -> float | None: ...
+    @property
+    def tpm(self) -> float | None: ...
+    @property
+    def queue_timeout(self) -> float: ...
     def budget_remaining(self) -> int:
         """Retries the budget still allows now."""
+    def stats(self) -> dict[str, Any]:
+        """``{"backends": {name: {requests, successes, retries, hedges, hedge_wins, throttled:
+        {quota, capacity, provisioned, unknown, total}, blocked, server_errors, connect_errors,
+        timeouts, client_errors, headroom, headroom_before_throttle, last_throttle_at, latency:
+        {count, p50, p95, p99}, gauges: {limit, in_flight, queue_depth, cooldown_until, breaker,
+        breaker_until}, region}}, "blocks": [support record, ...]}``; times in epoch seconds."""
+    def diagnose(self) -> Diagnosis:
+        """Why throttling happened, from what was observed, and the 403 support records."""
 
 @final
 class Call:
@@ -64,21 +149,70 @@ class Call:
     @staticmethod
     def needs_body(status: int) -> bool:
         """Whether the first MAX_ERROR_BODY bytes of the body must be read before on_response."""
+    def next(self) -> _Next:
+        """What to do next: send an attempt, wait, queue for a permit, or fail."""
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def last_outcome(self) -> str | None: ...
+    @property
+    def tokens(self) -> int: ...
+    def remaining(self) -> float | None:
+        """Seconds left before the call's deadline (None: no deadline)."""
+
+@final
+class Attempt:
+    """One send, owning its permit; dropped without an outcome, it is cancelled."""
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def rewrites(self) -> bool: ...
+    @property
+    def open(self) -> bool: ...
+    @property
+    def support_request(self) -> str | None: ...
+    def rewrite(
+        self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
+    ) -> tuple[str, list[tuple[bytes, bytes]], bytes | None]:
+        """The request for the attempt's backend: (url, headers, new body or None)."""
     def on_response(
         self,
         status: int,
         headers: Iterable[tuple[bytes, bytes]],
         body_prefix: bytes | None = None,
-    ) -> _Action:
+    ) -> _After:
         """Decides what follows a response."""
-    def on_error(self, kind: Literal["timeout", "connect"]) -> _Action:
+    def on_error(self, kind: Literal["timeout", "connect"]) -> _After:
         """Decides what follows an attempt that got no response."""
+    def cancel(self) -> None:
+        """Ends the attempt without an outcome; its permit goes back. Idempotent."""
+
+@final
+class Failure:
+    """Why a call cannot be served."""
+
     @property
-    def attempts(self) -> int: ...
+    def kind(self) -> Literal["blocked", "overloaded", "no_backend", "deadline_exceeded"]: ...
     @property
-    def last_outcome(self) -> str | None: ...
-    def remaining(self) -> float | None:
-        """Seconds left before the call's deadline (None: no deadline)."""
+    def message(self) -> str: ...
+    @property
+    def record(self) -> dict[str, Any] | None: ...
+    @property
+    def support_request(self) -> str | None: ...
+
+@final
+class Diagnosis:
+    """Findings (quota, capacity, provisioned, region, blocked), with their figures."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def kinds(self) -> list[str]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """``{"findings": [{kind, backend, region, summary, evidence, advice, support_record}]}``."""
 
 def _run_retry_layer(
     engine: Engine,

@@ -1,9 +1,11 @@
-"""The retry loop shared by every transport, written once for httpx2 and legacy httpx.
+"""The call loop shared by every transport, written once for httpx2 and legacy httpx.
 
 The classes here are mixins: a concrete transport sets ``_http`` to the httpx module it speaks
 (``httpx2`` or ``httpx``) and inherits that module's ``BaseTransport``/``AsyncBaseTransport``.
-Every decision comes from the Rust engine (``tower_aoai._core``); this code only sends, reads the
-start of error bodies, sleeps and returns.
+Every decision comes from the Rust engine (``tower_aoai._core``): the loop asks ``call.next()``
+and carries the answer out (send an attempt, rewritten through Rust for its backend; sleep; wait
+for another attempt to end; raise), then feeds each attempt's outcome back. It reads only the
+start of error bodies, never a success body.
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._core import MAX_ERROR_BODY, Call, Engine
+from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure
+from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
 
 if TYPE_CHECKING:
     from typing_extensions import TypedDict
+
+    from ._core import Backend
 
     class EngineSettings(TypedDict, total=False):
         """Keyword settings of :class:`tower_aoai.Engine`."""
@@ -35,6 +41,16 @@ if TYPE_CHECKING:
         budget_min_per_sec: int
         budget_ratio: float
         seed: int | None
+        backends: list[Backend] | None
+        initial_concurrency: int | None
+        min_concurrency: int
+        max_concurrency: int
+        rpm: float | None
+        tpm: float | None
+        queue_timeout: float
+        chars_per_token: float | None
+        prompt_share: float | None
+        default_completion_tokens: int | None
 
 
 logger = logging.getLogger("tower_aoai")
@@ -117,44 +133,100 @@ def _where(request: Any) -> str:
     return f"{request.method} {request.url.host}{request.url.path}"
 
 
-def _log_retry(request: Any, call: Call, delay: float, reason: str | None) -> None:
-    logger.debug(
-        "%s: attempt %d %s; retrying in %.3f s",
-        _where(request),
-        call.attempts,
-        reason,
-        delay,
+def _failure_error(failure: Failure) -> TowerAoaiError:
+    kind = failure.kind
+    if kind == "blocked":
+        return BlockedError(failure.message, failure.record, failure.support_request)
+    if kind == "overloaded":
+        return OverloadedError(failure.message)
+    if kind == "no_backend":
+        return NoBackendError(failure.message)
+    return DeadlineExceededError(failure.message)
+
+
+def _rewrite(http: ModuleType, request: Any, attempt: Attempt) -> Any:
+    """The request as the attempt's backend needs it (host, deployment, model, auth)."""
+    url, headers, body = attempt.rewrite(str(request.url), request.headers.raw, request.content)
+    return http.Request(
+        request.method,
+        url,
+        headers=headers,
+        content=request.content if body is None else body,
+        extensions=request.extensions,
     )
 
 
-def _log_give_up(request: Any, call: Call, reason: str | None) -> None:
-    logger.info(
-        "%s: giving up after %d attempts (%s, last outcome %s)",
-        _where(request),
-        call.attempts,
-        reason,
-        call.last_outcome,
-    )
+def _log_attempt(
+    request: Any, call: Call, attempt: Attempt, response: Any, after: tuple[str, str, str | None]
+) -> None:
+    action, outcome, reason = after
+    if outcome == "blocked":
+        logger.warning(
+            "%s: backend %s (%s) is temporarily blocked (403); its resource is taken out of rotation. "
+            "Support record:\n%s",
+            _where(request),
+            attempt.backend,
+            attempt.region or "no region",
+            attempt.support_request,
+        )
+    if action == "give_up":
+        logger.info(
+            "%s: giving up after %d attempts (%s, last outcome %s)",
+            _where(request),
+            call.attempts,
+            reason,
+            outcome,
+        )
+    if logger.isEnabledFor(logging.DEBUG):
+        headers = response.headers if response is not None else {}
+        logger.debug(
+            "%s: attempt %d to backend %s (region %s, apim-request-id %s): status %s, %s -> %s",
+            _where(request),
+            call.attempts,
+            attempt.backend,
+            attempt.region or headers.get("x-ms-region") or "unknown",
+            headers.get("apim-request-id") or "none",
+            response.status_code if response is not None else "no response",
+            outcome,
+            action,
+        )
+
+
+def _log_wait(request: Any, kind: str, seconds: float) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s: %s %.3f s before the next attempt", _where(request), kind, seconds)
 
 
 class _Base:
     _http: ClassVar[ModuleType]
     _engine: Engine
     _inner: Any
+    #: Attempts of this transport that ended (a queued call waits for this to move).
+    _ends: int
 
     @property
     def engine(self) -> Engine:
-        """The Rust engine (policy, retry budget, jitter source) this transport defers to."""
+        """The Rust engine (policy, budget, backends, limiter, pacing, stats) this transport defers to."""
         return self._engine
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges per backend and recent 403 records: see ``Engine.stats``."""
+        return self._engine.stats()
+
+    def diagnose(self) -> Diagnosis:
+        """Why throttling happened (quota, capacity, region) and what to send support: see
+        ``Engine.diagnose``."""
+        return self._engine.diagnose()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(engine={self._engine!r}, transport={type(self._inner).__name__})"
 
 
 class SyncDriver(_Base):
-    """The synchronous retry loop (``handle_request``)."""
+    """The synchronous call loop (``handle_request``)."""
 
     _sleep: Callable[[float], None]
+    _ended: threading.Condition
 
     def _setup(
         self,
@@ -166,51 +238,80 @@ class SyncDriver(_Base):
         self._engine = _engine(engine, settings)
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
+        self._ended = threading.Condition()
+        self._ends = 0
 
     def handle_request(self, request: Any) -> Any:
-        """Sends ``request``, retrying as the engine decides; returns the final response."""
+        """Sends ``request`` as the engine decides; returns the final response."""
         request.read()  # replayable from here on
-        call = self._engine.start()
+        call = self._engine.start(request.content)
         while True:
-            response = None
-            error: BaseException | None = None
-            try:
-                response = self._inner.handle_request(request)
-                if call.needs_body(response.status_code):
-                    prefix = self._read_prefix(response, call)
-                    action = call.on_response(
-                        response.status_code, response.headers.raw, _for_classification(prefix, response)
-                    )
-                else:
-                    action = call.on_response(response.status_code, response.headers.raw)
-            except self._http.TimeoutException as exc:
-                error = exc
-                action = call.on_error("timeout")
-            except self._http.TransportError as exc:
-                error = exc
-                action = call.on_error("connect")
-            except BaseException:
-                if response is not None:
-                    response.close()
-                raise
-            if error is not None and response is not None:
-                response.close()  # the error body broke off: this response is not returned
-                response = None
-            kind, delay, reason = action
-            if kind == "retry":
-                assert delay is not None
-                _log_retry(request, call, delay, reason)
-                if response is not None:
-                    response.close()
-                self._sleep(delay)
-                continue
-            if kind == "give_up":
-                _log_give_up(request, call, reason)
-                if response is not None:
+            seen = self._ends
+            step, value = call.next()
+            if step == "send":
+                assert isinstance(value, Attempt)
+                try:
+                    response, error, after = self._attempt(request, call, value)
+                finally:
+                    value.cancel()  # a no-op once the attempt has its outcome
+                    self._attempt_ended()
+                _log_attempt(request, call, value, response, after)
+                action = after[0]
+                if action == "retry":
+                    if response is not None:
+                        response.close()
+                    continue
+                if action == "give_up" and response is not None:
                     response.headers["x-should-retry"] = "false"
-            if error is not None:
-                raise error
-            return response
+                if error is not None:
+                    raise error
+                return response
+            if step == "wait":
+                assert isinstance(value, float)
+                _log_wait(request, "waiting", value)
+                self._sleep(value)
+            elif step == "queue":
+                assert isinstance(value, float)
+                _log_wait(request, "queueing for a permit up to", value)
+                with self._ended:
+                    if self._ends == seen:
+                        self._ended.wait(value)
+            else:
+                assert isinstance(value, Failure)
+                logger.info("%s: %s", _where(request), value.message)
+                raise _failure_error(value)
+
+    def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
+        """Sends one attempt; returns (response or None, transport error or None, decision)."""
+        sent = _rewrite(self._http, request, attempt) if attempt.rewrites else request
+        response = None
+        try:
+            response = self._inner.handle_request(sent)
+            if call.needs_body(response.status_code):
+                prefix = self._read_prefix(response, call)
+                after = attempt.on_response(
+                    response.status_code, response.headers.raw, _for_classification(prefix, response)
+                )
+            else:
+                after = attempt.on_response(response.status_code, response.headers.raw)
+            return response, None, after
+        except self._http.TimeoutException as exc:
+            if response is not None:
+                response.close()  # the error body broke off: this response is not returned
+            return None, exc, attempt.on_error("timeout")
+        except self._http.TransportError as exc:
+            if response is not None:
+                response.close()
+            return None, exc, attempt.on_error("connect")
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+
+    def _attempt_ended(self) -> None:
+        with self._ended:
+            self._ends += 1
+            self._ended.notify_all()
 
     def _read_prefix(self, response: Any, call: Call) -> bytes:
         original = response.stream
@@ -241,9 +342,10 @@ class SyncDriver(_Base):
 
 
 class AsyncDriver(_Base):
-    """The asynchronous retry loop (``handle_async_request``)."""
+    """The asynchronous call loop (``handle_async_request``)."""
 
     _sleep: Callable[[float], Awaitable[None]]
+    _waiters: list[asyncio.Future[None]]
 
     def _setup(
         self,
@@ -255,51 +357,92 @@ class AsyncDriver(_Base):
         self._engine = _engine(engine, settings)
         self._inner = transport if transport is not None else self._http.AsyncHTTPTransport()
         self._sleep = asyncio.sleep if sleep is None else sleep
+        self._waiters = []
+        self._ends = 0
 
     async def handle_async_request(self, request: Any) -> Any:
-        """Sends ``request``, retrying as the engine decides; returns the final response."""
+        """Sends ``request`` as the engine decides; returns the final response."""
         await request.aread()  # replayable from here on
-        call = self._engine.start()
+        call = self._engine.start(request.content)
         while True:
-            response = None
-            error: BaseException | None = None
-            try:
-                response = await self._inner.handle_async_request(request)
-                if call.needs_body(response.status_code):
-                    prefix = await self._read_prefix(response, call)
-                    action = call.on_response(
-                        response.status_code, response.headers.raw, _for_classification(prefix, response)
-                    )
-                else:
-                    action = call.on_response(response.status_code, response.headers.raw)
-            except self._http.TimeoutException as exc:
-                error = exc
-                action = call.on_error("timeout")
-            except self._http.TransportError as exc:
-                error = exc
-                action = call.on_error("connect")
-            except BaseException:
-                if response is not None:
-                    await response.aclose()
-                raise
-            if error is not None and response is not None:
-                await response.aclose()
-                response = None
-            kind, delay, reason = action
-            if kind == "retry":
-                assert delay is not None
-                _log_retry(request, call, delay, reason)
-                if response is not None:
-                    await response.aclose()
-                await self._sleep(delay)
-                continue
-            if kind == "give_up":
-                _log_give_up(request, call, reason)
-                if response is not None:
+            seen = self._ends
+            step, value = call.next()
+            if step == "send":
+                assert isinstance(value, Attempt)
+                try:
+                    response, error, after = await self._attempt(request, call, value)
+                finally:
+                    value.cancel()  # a no-op once the attempt has its outcome
+                    self._attempt_ended()
+                _log_attempt(request, call, value, response, after)
+                action = after[0]
+                if action == "retry":
+                    if response is not None:
+                        await response.aclose()
+                    continue
+                if action == "give_up" and response is not None:
                     response.headers["x-should-retry"] = "false"
-            if error is not None:
-                raise error
-            return response
+                if error is not None:
+                    raise error
+                return response
+            if step == "wait":
+                assert isinstance(value, float)
+                _log_wait(request, "waiting", value)
+                await self._sleep(value)
+            elif step == "queue":
+                assert isinstance(value, float)
+                _log_wait(request, "queueing for a permit up to", value)
+                if self._ends == seen:
+                    await self._queue(value)
+            else:
+                assert isinstance(value, Failure)
+                logger.info("%s: %s", _where(request), value.message)
+                raise _failure_error(value)
+
+    async def _queue(self, timeout: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _attempt_ended(self) -> None:
+        self._ends += 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+
+    async def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
+        """Sends one attempt; returns (response or None, transport error or None, decision)."""
+        sent = _rewrite(self._http, request, attempt) if attempt.rewrites else request
+        response = None
+        try:
+            response = await self._inner.handle_async_request(sent)
+            if call.needs_body(response.status_code):
+                prefix = await self._read_prefix(response, call)
+                after = attempt.on_response(
+                    response.status_code, response.headers.raw, _for_classification(prefix, response)
+                )
+            else:
+                after = attempt.on_response(response.status_code, response.headers.raw)
+            return response, None, after
+        except self._http.TimeoutException as exc:
+            if response is not None:
+                await response.aclose()
+            return None, exc, attempt.on_error("timeout")
+        except self._http.TransportError as exc:
+            if response is not None:
+                await response.aclose()
+            return None, exc, attempt.on_error("connect")
+        except BaseException:
+            if response is not None:
+                await response.aclose()
+            raise
 
     async def _read_prefix(self, response: Any, call: Call) -> bytes:
         original = response.stream
@@ -327,3 +470,8 @@ class AsyncDriver(_Base):
     async def aclose(self) -> None:
         """Closes the inner transport."""
         await self._inner.aclose()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

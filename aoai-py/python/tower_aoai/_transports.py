@@ -18,15 +18,21 @@ if TYPE_CHECKING:
 
 
 class Transport(SyncDriver, httpx2.BaseTransport):
-    """An ``httpx2`` transport that retries throttled and failed calls as the Rust core decides.
+    """An ``httpx2`` transport that retries, fails over, limits and paces calls as the Rust core
+    decides.
 
     Wraps ``transport`` (default ``httpx2.HTTPTransport()``). Settings are those of
-    :class:`tower_aoai.Engine` (``max_attempts``, ``deadline``, ``max_wait``, ``backoff_base``,
-    ``backoff_cap``, ``hint_jitter``, ``budget_ttl``, ``budget_min_per_sec``, ``budget_ratio``,
-    ``seed``), or pass a shared ``engine=``. ``sleep`` (default ``time.sleep``) carries out waits.
+    :class:`tower_aoai.Engine`: retry (``max_attempts``, ``deadline``, ``max_wait``,
+    ``backoff_base``, ``backoff_cap``, ``hint_jitter``, ``budget_*``, ``seed``), ``backends`` (a list
+    of :class:`tower_aoai.Backend`; ``None`` sends where the request points), the adaptive limit
+    per backend (``initial_concurrency``, ``min_concurrency``, ``max_concurrency``,
+    ``queue_timeout``) and pacing (``rpm``, ``tpm``); or pass a shared ``engine=``. ``sleep``
+    (default ``time.sleep``) carries out waits; a fake sleep that returns at once advances the
+    engine's clock by the wait (tests).
 
     When it gives up it returns the last response with ``x-should-retry: false``, so the openai
-    SDK above it does not retry again. Success bodies are never read: streams pass through.
+    SDK above it does not retry again; when no backend can serve it raises a
+    :class:`tower_aoai.TowerAoaiError`. Success bodies are never read: streams pass through.
     """
 
     _http: ClassVar[ModuleType] = httpx2

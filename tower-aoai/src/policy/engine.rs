@@ -191,6 +191,7 @@ pub struct EngineCall {
     not_before: Option<Instant>,
     queued_since: Option<Instant>,
     sent: u32,
+    last_outcome: Option<Outcome>,
 }
 
 impl EngineCall {
@@ -207,6 +208,11 @@ impl EngineCall {
     /// The call's deadline.
     pub fn deadline(&self) -> Option<Instant> {
         self.retry.deadline()
+    }
+
+    /// The outcome of the call's latest attempt that got one.
+    pub fn last_outcome(&self) -> Option<Outcome> {
+        self.last_outcome
     }
 }
 
@@ -294,6 +300,11 @@ impl Engine {
         &self.retry
     }
 
+    /// Retries the shared budget still allows at `now`.
+    pub fn budget_remaining(&self, now: Instant) -> u32 {
+        self.budget.remaining(now)
+    }
+
     /// Opens a call at `now` for a request with this body; `deadline` is the caller's own.
     pub fn start(&mut self, now: Instant, body: &[u8], deadline: Option<Instant>) -> EngineCall {
         let retry = self.retry.start(now, deadline, &mut self.budget);
@@ -305,6 +316,7 @@ impl Engine {
             not_before: None,
             queued_since: None,
             sent: 0,
+            last_outcome: None,
         }
     }
 
@@ -500,6 +512,7 @@ impl Engine {
         class: Classification,
         now: Instant,
     ) -> After {
+        call.last_outcome = Some(class.outcome);
         if class.outcome == Outcome::Success || !class.retryable {
             // A 403 block is not retryable on its resource, but another resource may serve.
             if class.outcome != Outcome::Blocked || !self.other_usable(failed, now) {
@@ -751,6 +764,23 @@ mod tests {
             Next::Send(t) => e.on_cancel(t, t0), // full jitter may draw zero
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_call_keeps_its_last_outcome_and_the_budget_is_visible() {
+        let mut e = engine(None);
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        assert_eq!(call.last_outcome(), None);
+        let before = e.budget_remaining(t0);
+        let ticket = send(&mut e, &mut call, t0);
+        let after = e.on_error(&mut call, ticket, TransportError::Connect, t0, wall());
+        assert_eq!(after, After::Retry);
+        assert_eq!(
+            call.last_outcome(),
+            Some(Outcome::Transient(crate::policy::TransientKind::Connect))
+        );
+        assert_eq!(e.budget_remaining(t0), before - 1);
     }
 
     #[test]
