@@ -231,8 +231,9 @@ impl Default for Capacity {
     }
 }
 
-/// An Azure OpenAI resource: one endpoint, one key, in one region.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// An Azure OpenAI resource: one endpoint, one key, in one region. Its `Debug` output does not
+/// show the key.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Resource {
     /// Resource name; also its URL prefix on the HTTP server (`/r/<name>`).
@@ -246,6 +247,18 @@ pub struct Resource {
     pub abuse: Option<Abuse>,
     /// The resource's deployments.
     pub deployments: Vec<Deployment>,
+}
+
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("region", &self.region)
+            .field("api_key", &"<redacted>")
+            .field("abuse", &self.abuse)
+            .field("deployments", &self.deployments)
+            .finish()
+    }
 }
 
 /// The idle-then-burst detector: after `idle_s` without a request, more than `burst_requests`

@@ -759,3 +759,20 @@ fn spillover_header_spelling_is_a_setting() {
     assert_eq!(a.headers["x-ms-spillover-from-deployment"], "gpt-4o-spill");
     assert!(!a.headers.contains_key("x-ms-spillover-from-gpt-4o-spill"));
 }
+
+#[test]
+fn keys_never_show_in_debug_output() {
+    let scenario = Scenario::from_toml(&one_deployment("tpm = 100")).unwrap();
+    let mut m = Model::new(&scenario).unwrap();
+    let req = chat("east", "gpt-4o", body(0, 1, false));
+    m.handle(s(0.0), &req);
+    let secret = format!("\"{KEY}\"");
+    for text in [
+        format!("{scenario:?}"),
+        format!("{m:?}"),
+        format!("{req:?}"),
+    ] {
+        assert!(!text.contains(&secret), "{text}");
+        assert!(text.contains("redacted") || !text.contains("api_key"));
+    }
+}

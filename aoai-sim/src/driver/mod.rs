@@ -284,7 +284,6 @@ pub fn run_with(
     Ok(report)
 }
 
-#[derive(Debug)]
 struct Target {
     resource: String,
     deployment: String,

@@ -80,8 +80,8 @@ pub enum Operation {
     Responses,
 }
 
-/// A request as the model sees it.
-#[derive(Debug, Clone, PartialEq)]
+/// A request as the model sees it. Its `Debug` output does not show the key.
+#[derive(Clone, PartialEq)]
 pub struct SimRequest {
     /// The resource addressed (its name in the scenario).
     pub resource: String,
@@ -97,6 +97,20 @@ pub struct SimRequest {
     pub spillover_deployment: Option<String>,
     /// The JSON body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for SimRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimRequest")
+            .field("resource", &self.resource)
+            .field("deployment", &self.deployment)
+            .field("operation", &self.operation)
+            .field("api_version", &self.api_version)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("spillover_deployment", &self.spillover_deployment)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 impl SimRequest {
@@ -302,7 +316,6 @@ struct AbuseState {
     blocked_until: Option<Duration>,
 }
 
-#[derive(Debug)]
 struct ResourceState {
     name: String,
     region: usize,
@@ -310,6 +323,17 @@ struct ResourceState {
     abuse: Option<Abuse>,
     abuse_state: AbuseState,
     deployments: Vec<DeploymentState>,
+}
+
+impl std::fmt::Debug for ResourceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceState")
+            .field("name", &self.name)
+            .field("region", &self.region)
+            .field("abuse_state", &self.abuse_state)
+            .field("deployments", &self.deployments)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
