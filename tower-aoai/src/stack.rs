@@ -368,4 +368,48 @@ mod tests {
             "the PTU took exactly what its limiter had room for"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_losers_limiter_permit_is_released() {
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = slow.clone();
+        let client = service_fn(move |req: Request<Full<Bytes>>| {
+            let host = req.uri().host().unwrap_or_default().to_owned();
+            let ms = match host.as_str() {
+                "a.example" if s.load(Ordering::SeqCst) => 30_000,
+                "a.example" => 100,
+                _ => 50,
+            };
+            async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("x-served-by", host)
+                        .body(Full::new(Bytes::from_static(b"{}")))
+                        .unwrap(),
+                )
+            }
+        });
+        let stack = Stack::builder()
+            .backend(Backend::new("a", "https://a.example").with_tier(0))
+            .backend(Backend::new("b", "https://b.example").with_tier(1))
+            .seed(11)
+            .build(client)
+            .unwrap();
+        for _ in 0..40 {
+            let res = stack.clone().oneshot(req()).await.unwrap();
+            assert_eq!(res.headers()["x-served-by"], "a.example");
+        }
+        slow.store(true, Ordering::SeqCst);
+        let res = stack.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.headers()["x-served-by"], "b.example");
+        let a = stack.route().inspect(|r| r.backends().find("a").unwrap());
+        assert_eq!(
+            stack.limiter(a).snapshot().in_flight,
+            0,
+            "the loser's permit came back"
+        );
+        assert_eq!(stack.route_stats().hedges, 1);
+        assert_eq!(stack.route_stats().cancelled, 1);
+    }
 }
