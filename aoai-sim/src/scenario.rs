@@ -975,23 +975,71 @@ fn parse_error(text: &str, e: &toml::de::Error) -> ScenarioError {
         .map(str::trim)
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    let key = line_text
-        .split_once('=')
-        .map(|(k, _)| k.trim().to_string())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
-    let named = quoted_field(&message);
-    let leaf = named.or(key);
-    let field = match (table, leaf) {
-        (Some(t), Some(k)) => format!("{t}.{k}"),
-        (Some(t), None) => t,
-        (None, Some(k)) => k,
-        (None, None) => "<scenario>".to_string(),
+    let column = start - line_start;
+    let mut path = key_path(line_text.get(..column).unwrap_or(line_text));
+    if let Some(named) = quoted_field(&message)
+        && path.last() != Some(&named)
+    {
+        path.push(named);
+    }
+    let field = table
+        .into_iter()
+        .chain(path)
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
+    let field = if field.is_empty() {
+        "<scenario>".to_string()
+    } else {
+        field
     };
     ScenarioError {
         line: Some(line),
         field,
         message,
     }
+}
+
+/// The keys leading to the position at the end of `prefix` (a line cut at the error), through
+/// inline tables: `latency = { first_token_ms = ` gives `["latency", "first_token_ms"]`.
+fn key_path(prefix: &str) -> Vec<String> {
+    let mut stack: Vec<String> = Vec::new();
+    let mut last: Option<String> = None;
+    let mut word = String::new();
+    let mut chars = prefix.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                // Skip a string value.
+                for d in chars.by_ref() {
+                    if d == c {
+                        break;
+                    }
+                }
+                word.clear();
+            }
+            '=' => {
+                last = Some(word.trim().trim_matches('"').to_string());
+                word.clear();
+            }
+            '{' => {
+                stack.push(last.take().unwrap_or_default());
+                word.clear();
+            }
+            '}' => {
+                stack.pop();
+                last = None;
+                word.clear();
+            }
+            ',' | '[' | ']' => {
+                last = None;
+                word.clear();
+            }
+            c => word.push(c),
+        }
+    }
+    stack.extend(last);
+    stack
 }
 
 /// The field named in serde's "unknown field `x`" / "missing field `x`" messages.

@@ -174,3 +174,21 @@ fn the_readme_example_is_valid() {
     let s = Scenario::from_toml(&readme[start..end]).unwrap_or_else(|e| panic!("{e}"));
     assert!(s.workload.is_some());
 }
+
+#[test]
+fn errors_inside_inline_tables_name_the_inner_key() {
+    let text = VALID.replace(
+        "name = \"eastus2\"\n",
+        "name = \"eastus2\"\nlatency = { first_token_ms = \"slow\", per_token_ms = 3 }\n",
+    );
+    let e = Scenario::from_toml(&text).unwrap_err();
+    assert_eq!(e.line, Some(6));
+    assert_eq!(e.field, "regions.latency.first_token_ms");
+    let text = VALID.replace(
+        "name = \"eastus2\"\n",
+        "name = \"eastus2\"\nlatency = { first_token_ms = 3, per_tokn_ms = 3 }\n",
+    );
+    let e = Scenario::from_toml(&text).unwrap_err();
+    assert_eq!(e.line, Some(6));
+    assert_eq!(e.field, "regions.latency.per_tokn_ms");
+}
