@@ -7,7 +7,8 @@
 //! Every decision is the [router core](crate::policy::route)'s; this layer carries them out:
 //!
 //! - the best tier's usable backends first (not cooling down, not behind an open breaker or a
-//!   blocked resource, with room), power of two choices by headroom over load;
+//!   blocked resource, with room), power of two choices by headroom over load and recent
+//!   latency;
 //! - a 429 cools its backend down for the server's hint (jittered; 10 s without one) and the call
 //!   **fails over at once** to another usable backend, no sleep; a 5xx, a connection error or a
 //!   timeout fails over too and feeds the backend's failure-rate breaker (half-open probes);

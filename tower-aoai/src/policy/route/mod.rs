@@ -3,9 +3,10 @@
 //! - [`backend`]: the [`Backend`] list ([`Backends`], checked at construction) and the rewrite of a
 //!   request for the chosen backend (host, deployment, `model`, auth header; a key only ever goes
 //!   to its own backend's host).
-//! - [`select`]: the [`Router`]: which usable backend takes the next attempt (best tier first,
-//!   room, then power of two choices by headroom over load), per-backend cooldowns from the
-//!   server's hints, per-resource 403 blocks, when to wait and when to give up.
+//! - [`select`]: the [`Router`]: which usable backend takes the next attempt (one the call has
+//!   not tried, with room, of the best tier, then power of two choices by headroom over load and
+//!   recent latency), per-backend cooldowns from the server's hints, per-resource 403 blocks,
+//!   when to wait and when to give up.
 //! - [`breaker`]: the failure-rate breaker with half-open probes.
 //! - [`hedge`]: latency distributions, hedge delay and the hedge budget.
 //! - [`blocked`]: the diagnostic record of a 403 block ([`SupportRecord`], [`BlockedError`]).
