@@ -195,3 +195,65 @@ proptest! {
         prop_assert_eq!(stats.calls, s.calls.len() as u64);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever auth headers a request arrives with and whichever backend it is sent to, the
+    /// only secret it carries afterwards is that backend's own, and it goes to that backend's
+    /// host.
+    #[test]
+    fn a_key_only_ever_reaches_its_own_host(
+        hosts in proptest::collection::vec(0usize..4, 1..6),
+        incoming in proptest::collection::vec(
+            (prop_oneof![
+                Just("api-key"),
+                Just("authorization"),
+                Just("ocp-apim-subscription-key"),
+                Just("x-api-key"),
+                Just("Api-Key"),
+            ], "[A-Za-z0-9]{1,12}"),
+            0..4,
+        ),
+        bearer in proptest::collection::vec(any::<bool>(), 6),
+        path in prop_oneof![
+            Just("/openai/deployments/x/chat/completions?api-version=1"),
+            Just("/openai/v1/chat/completions"),
+            Just("/base/openai/responses"),
+        ],
+    ) {
+        let list: Vec<Backend> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let b = Backend::new(format!("b{i}"), format!("https://r{h}.example"));
+                if bearer[i] {
+                    let token = format!("TOKEN{i}");
+                    b.with_token_provider(move || token.clone())
+                } else {
+                    b.with_api_key(format!("KEY{i}"))
+                }
+            })
+            .collect();
+        let backends = Backends::new(list).unwrap();
+        for id in backends.ids() {
+            let mut req = http::Request::builder().uri(format!("https://caller.example{path}"));
+            for (name, value) in &incoming {
+                req = req.header(*name, format!("CALLER{value}"));
+            }
+            let (mut parts, ()) = req.body(()).unwrap().into_parts();
+            backends.rewrite(id, &mut parts, Some(b"{}")).unwrap();
+            let i = id.index();
+            let host = format!("r{}.example", hosts[i]);
+            prop_assert_eq!(parts.uri.host(), Some(host.as_str()));
+            let secrets: Vec<String> = parts
+                .headers
+                .iter()
+                .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .filter(|v| v.contains("KEY") || v.contains("TOKEN") || v.contains("CALLER"))
+                .collect();
+            let own = if bearer[i] { format!("Bearer TOKEN{i}") } else { format!("KEY{i}") };
+            prop_assert_eq!(secrets, vec![own]);
+        }
+    }
+}
