@@ -25,9 +25,10 @@ step "stub check (mypy.stubtest)"
 .venv/bin/python -m mypy.stubtest tower_aoai._core
 
 step "simulator binary for the Python suites"
-cargo build -p aoai-sim --bin aoai-sim
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 export AOAI_SIM_BIN="$target_dir/debug/aoai-sim"
+# `cargo test --workspace` built it for the simulator's own tests; build it only if it is missing.
+[ -x "$AOAI_SIM_BIN" ] || cargo build -p aoai-sim --bin aoai-sim
 
 step "pytest"
 .venv/bin/python -m pytest python-tests -q
