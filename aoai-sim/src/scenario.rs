@@ -624,6 +624,15 @@ impl Scenario {
             ScenarioError::semantic(field, message)
         }
         self.tokens.estimator()?;
+        if self.response.output_tokens > 100_000 {
+            return Err(err(
+                "response.output_tokens",
+                format!(
+                    "must be at most 100000, got {}",
+                    self.response.output_tokens
+                ),
+            ));
+        }
         check_weights(&self.throttle_headers, "throttle_headers")?;
         if self.regions.is_empty() {
             return Err(err("regions", "at least one region is required"));

@@ -60,7 +60,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
@@ -70,6 +70,9 @@ use crate::scenario::{Scenario, ScenarioError};
 
 /// Request bodies larger than this are refused with 413.
 const MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+
+/// A request body must arrive within this time (a client that stalls gets 408).
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the server runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -311,7 +314,9 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(shared.clone(), req));
+            // The timer bounds how long a client may take to send its request head.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -416,12 +421,21 @@ async fn handle(
     });
     let spillover_deployment = header_str(headers, "x-ms-spillover-deployment");
     let client_request_id = headers.get("x-ms-client-request-id").cloned();
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
+    let body = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_REQUEST_BODY).collect(),
+    )
+    .await
     {
-        Ok(b) => b.to_bytes(),
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            return Ok(json_response(
+                StatusCode::REQUEST_TIMEOUT,
+                r#"{"error":{"code":"408","message":"The request body did not arrive in time"}}"#
+                    .to_string(),
+            ));
+        }
+        Ok(Err(_)) => {
             return Ok(json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 r#"{"error":{"code":"413","message":"Request body too large or unreadable"}}"#

@@ -425,3 +425,80 @@ fn bad_options_are_refused() {
         assert!(Server::start(&scenario, options).is_err());
     }
 }
+
+#[test]
+fn hostile_input_gets_an_error_answer_and_the_server_keeps_serving() {
+    let server = start(SCENARIO, 1.0);
+    let key = [("api-key", "key-east")];
+    let paths = [
+        "/r/",
+        "/r//openai/deployments/gpt-4o/chat/completions",
+        "/r/east",
+        "/r/east/openai",
+        "/r/east/openai/deployments//chat/completions",
+        "/r/east/openai/deployments/gpt-4o",
+        "/r/east/openai/deployments/gpt-4o/responses",
+        "/r/east/openai/v1/",
+        "/r/%00/openai/v1/chat/completions",
+        "/openai/deployments/gpt-4o/chat/completions/extra",
+    ];
+    for path in paths {
+        let r = send(&server, path, &key, CHAT).unwrap();
+        assert!(r.status.is_client_error(), "{path}: {}", r.status);
+    }
+    let bodies = [
+        "",
+        "[]",
+        "null",
+        "{",
+        r#"{"messages":"not a list","max_tokens":-5,"n":1e300}"#,
+        r#"{"messages":[{"content":{"deep":[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]}}],"max_tokens":18446744073709551615}"#,
+        r#"{"model":7,"input":[1,2,3]}"#,
+    ];
+    for body in bodies {
+        let r = send(&server, "/r/east/openai/v1/chat/completions", &key, body).unwrap();
+        assert!(
+            r.status.is_client_error() || r.status.is_success(),
+            "{body}: {}",
+            r.status
+        );
+        let r = send(
+            &server,
+            "/r/east/openai/deployments/gpt-4o/chat/completions",
+            &key,
+            body,
+        )
+        .unwrap();
+        assert!(
+            r.status.is_client_error() || r.status.is_success(),
+            "{body}: {}",
+            r.status
+        );
+    }
+    let weird_keys = [
+        ("api-key", " "),
+        ("authorization", "Bearer"),
+        ("authorization", "Basic a2V5"),
+    ];
+    let long = "k".repeat(8000);
+    for (name, value) in weird_keys.into_iter().chain([("api-key", long.as_str())]) {
+        let r = send(
+            &server,
+            "/r/east/openai/v1/chat/completions",
+            &[(name, value)],
+            CHAT,
+        )
+        .unwrap();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{name}: {value}");
+    }
+    // Still serving.
+    let r = send(
+        &server,
+        "/r/east/openai/deployments/gpt-4o/chat/completions",
+        &key,
+        CHAT,
+    )
+    .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(server.stats().requests > 10);
+}
