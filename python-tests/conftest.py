@@ -98,14 +98,17 @@ def throttle(message: str = QUOTA_MESSAGE, **headers: str) -> Reply:
     return Reply(429, hdrs, body)
 
 
-def blocked() -> Reply:
+def blocked(**headers: str) -> Reply:
+    """A 403 "temporarily blocked"; header names use `_` for `-`."""
     body = {
         "error": {
             "code": "Forbidden",
             "message": "Your resource has been temporarily blocked because we detected unusual behavior.",
         }
     }
-    return Reply(403, {"content-type": "application/json"}, json.dumps(body).encode())
+    hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+    hdrs["content-type"] = "application/json"
+    return Reply(403, hdrs, json.dumps(body).encode())
 
 
 def server_error(body: bytes = b'{"error":{"code":"InternalServerError","message":"oops"}}') -> Reply:
@@ -119,22 +122,29 @@ def http_date(seconds_from_now: float) -> str:
 class ScriptedServer:
     """Plays `script` (the last reply repeats) and records hits."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.script: list[Reply] = [chat_completion()]
         self.hits: list[Hit] = []
         self.stream_finished = threading.Event()
+        #: Set when a request arrives (a test can wait for "the request is at the server").
+        self.hit = threading.Event()
+        #: Requests being answered now, and the most at once since `play`.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = ThreadingHTTPServer((host, 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
-        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
+        self.url = f"http://{host}:{self._httpd.server_port}"
 
     def play(self, *replies: Reply) -> None:
         with self._lock:
             self.script = list(replies)
             self.hits = []
+            self.max_in_flight = self.in_flight
         self.stream_finished.clear()
+        self.hit.clear()
 
     def waits(self) -> list[float]:
         """Seconds between consecutive hits, as the server saw them."""
@@ -148,7 +158,15 @@ class ScriptedServer:
         with self._lock:
             index = len(self.hits)
             self.hits.append(hit)
-            return self.script[min(index, len(self.script) - 1)]
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            reply = self.script[min(index, len(self.script) - 1)]
+        self.hit.set()
+        return reply
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -164,6 +182,12 @@ class ScriptedServer:
                 body = self.rfile.read(length) if length else b""
                 hit = Hit(time.monotonic(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 reply = server._next(hit)
+                try:
+                    self._answer(reply)
+                finally:
+                    server._done()
+
+            def _answer(self, reply: Reply) -> None:
                 if reply.delay:
                     time.sleep(reply.delay)
                 try:
@@ -221,6 +245,29 @@ def _server() -> Iterator[ScriptedServer]:
 def server(_server: ScriptedServer) -> ScriptedServer:
     _server.play(chat_completion())
     return _server
+
+
+@pytest.fixture(scope="session")
+def _other_servers() -> Iterator[tuple[ScriptedServer, ScriptedServer]]:
+    # Other loopback addresses: another host is another Azure resource to the router.
+    servers = (ScriptedServer("127.0.0.2"), ScriptedServer("127.0.0.3"))
+    yield servers
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def east(_other_servers: tuple[ScriptedServer, ScriptedServer]) -> ScriptedServer:
+    """A second resource (host 127.0.0.2), answering success until told otherwise."""
+    _other_servers[0].play(chat_completion("from east"))
+    return _other_servers[0]
+
+
+@pytest.fixture
+def west(_other_servers: tuple[ScriptedServer, ScriptedServer]) -> ScriptedServer:
+    """A third resource (host 127.0.0.3), answering success until told otherwise."""
+    _other_servers[1].play(chat_completion("from west"))
+    return _other_servers[1]
 
 
 @pytest.fixture

@@ -192,6 +192,9 @@ pub struct EngineCall {
     queued_since: Option<Instant>,
     sent: u32,
     last_outcome: Option<Outcome>,
+    /// The backend the call just failed over from: its next attempt goes elsewhere when it can,
+    /// even to a worse tier (a 5xx leaves the backend usable, so the tier alone would pick it).
+    avoid: Option<BackendId>,
 }
 
 impl EngineCall {
@@ -317,6 +320,7 @@ impl Engine {
             queued_since: None,
             sent: 0,
             last_outcome: None,
+            avoid: None,
         }
     }
 
@@ -330,9 +334,12 @@ impl Engine {
         }
         call.not_before = None;
         let tokens = call.tokens;
+        let avoid = call.avoid;
         let (limits, pacers) = (&self.limits, &self.pacers);
         let headroom = |id: BackendId| {
-            if pacers[id.index()].wait(now, tokens).is_zero() {
+            if Some(id) == avoid {
+                0.0
+            } else if pacers[id.index()].wait(now, tokens).is_zero() {
                 f64::from(limits[id.index()].available(now))
             } else {
                 0.0
@@ -362,6 +369,7 @@ impl Engine {
             return Next::Queue(self.capped(call, now, left.min(QUEUE_RECHECK)));
         };
         call.queued_since = None;
+        call.avoid = None;
         // Pacing said zero wait above, so this records the send.
         let _ = self.pacers[id.index()].check(now, tokens);
         self.router.on_send(&mut call.route, id, now);
@@ -540,6 +548,7 @@ impl Engine {
             _ => return After::Return,
         };
         if other {
+            call.avoid = Some(failed);
             return After::Retry;
         }
         // Only the failed backend (or none) could take the next attempt.
@@ -781,6 +790,31 @@ mod tests {
             Some(Outcome::Transient(crate::policy::TransientKind::Connect))
         );
         assert_eq!(e.budget_remaining(t0), before - 1);
+    }
+
+    #[test]
+    fn a_5xx_on_the_best_tier_fails_over_to_the_next_tier_at_once() {
+        let mut backends = two_regions();
+        backends[1] = backends[1].clone().with_tier(1);
+        let mut e = engine(Some(backends));
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        let first = send(&mut e, &mut call, t0);
+        assert_eq!(e.backends().get(first.backend()).name(), "east");
+        let after = e.on_response(
+            &mut call,
+            first,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &HeaderMap::new(),
+            Some(b"{}"),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Retry);
+        // East is still usable (no hint, breaker closed) but the call moves on, without a wait.
+        let second = send(&mut e, &mut call, t0);
+        assert_eq!(e.backends().get(second.backend()).name(), "west");
+        e.on_cancel(second, t0);
     }
 
     #[test]
