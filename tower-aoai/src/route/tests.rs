@@ -569,3 +569,93 @@ async fn a_limiter_refusal_fails_over_without_feeding_the_breaker() {
     assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed);
     assert_eq!(layer.inspect(|r| r.in_flight(a)), 0);
 }
+
+/// Serves on a loopback port: every request's `api-key` is recorded, the answer is `status`
+/// (a 429 carries a one-minute hint).
+async fn serve(status: u16) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let key = req
+                        .headers()
+                        .get("api-key")
+                        .map(|v| v.to_str().unwrap_or("?").to_owned())
+                        .unwrap_or_default();
+                    record.lock().unwrap().push(key);
+                    async move {
+                        let mut b = Response::builder().status(status);
+                        if status == 429 {
+                            b = b.header("retry-after-ms", "60000");
+                        }
+                        Ok::<_, Infallible>(
+                            b.body(Full::new(Bytes::from_static(b"{\"ok\":1}")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn over_real_http_a_throttled_endpoint_fails_over_and_keys_stay_home() {
+    let (a, seen_a) = serve(429).await;
+    let (b, seen_b) = serve(200).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let backends = vec![
+        Backend::new("a", format!("http://{a}")).with_api_key("KEY-A"),
+        Backend::new("b", format!("http://{b}")).with_api_key("KEY-B"),
+    ];
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer(backends, no_hedge()))
+        .service(client);
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"ok\":1}");
+    }
+    let seen_a = seen_a.lock().unwrap().clone();
+    let seen_b = seen_b.lock().unwrap().clone();
+    assert!(seen_a.len() <= 1, "a cooled down after its 429: {seen_a:?}");
+    assert!(seen_a.iter().all(|k| k == "KEY-A"), "{seen_a:?}");
+    assert_eq!(seen_b, vec!["KEY-B"; 5]);
+}
+
+#[tokio::test]
+async fn the_full_stack_runs_over_a_hyper_client() {
+    let (a, seen_a) = serve(200).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let stack = crate::stack::Stack::builder()
+        .backend(Backend::new("a", format!("http://{a}")).with_api_key("KEY-A"))
+        .seed(2)
+        .build(client)
+        .unwrap();
+    for _ in 0..3 {
+        let res = stack.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"ok\":1}");
+    }
+    assert_eq!(*seen_a.lock().unwrap(), vec!["KEY-A"; 3]);
+    let a_id = stack.route().inspect(|r| r.backends().find("a").unwrap());
+    assert_eq!(
+        stack.limiter(a_id).snapshot().in_flight,
+        0,
+        "bodies ended: permits back"
+    );
+}

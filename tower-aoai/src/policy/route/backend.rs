@@ -261,7 +261,15 @@ impl Backends {
             }
             let (scheme, authority, base_path) = parse_endpoint(&b.endpoint)
                 .map_err(|r| ConfigError::new("backends.endpoint", at(r)))?;
-            let host = authority.host().to_ascii_lowercase();
+            // The resource is the endpoint host (and its port, when it is not the scheme's
+            // default: two local proxies on one host are two endpoints).
+            let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+            let host = match authority.port_u16() {
+                Some(port) if port != default_port => {
+                    format!("{}:{port}", authority.host().to_ascii_lowercase())
+                }
+                _ => authority.host().to_ascii_lowercase(),
+            };
             let resource = match resources.iter().position(|r| *r == host) {
                 Some(r) => ResourceId(r),
                 None => {
@@ -571,13 +579,17 @@ mod tests {
     fn resources_are_endpoint_hosts() {
         let b = Backends::new(vec![
             Backend::new("a1", "https://A.example.com").with_deployment("d1"),
-            Backend::new("a2", "https://a.example.com/").with_deployment("d2"),
+            Backend::new("a2", "https://a.example.com:443/").with_deployment("d2"),
             Backend::new("b", "https://b.example.com"),
+            Backend::new("local1", "http://127.0.0.1:8001"),
+            Backend::new("local2", "http://127.0.0.1:8002"),
         ])
         .unwrap();
         assert_eq!(b.resource(BackendId(0)), b.resource(BackendId(1)));
         assert_ne!(b.resource(BackendId(0)), b.resource(BackendId(2)));
-        assert_eq!(b.resource_count(), 2);
+        assert_ne!(b.resource(BackendId(3)), b.resource(BackendId(4)));
+        assert_eq!(b.resource_count(), 4);
+        assert_eq!(b.resource_host(b.resource(BackendId(4))), "127.0.0.1:8002");
         assert_eq!(b.resource_host(b.resource(BackendId(2))), "b.example.com");
     }
 
