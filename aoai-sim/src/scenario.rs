@@ -419,6 +419,10 @@ pub struct Event {
     /// The resource affected (exclusive with `region`; not for `high_demand`).
     #[serde(default)]
     pub resource: Option<String>,
+    /// Only this deployment of `resource` (outage and slow events). A provisioned deployment
+    /// with spillover spills over while it answers 500 or 503.
+    #[serde(default)]
+    pub deployment: Option<String>,
     /// Outage: how it fails.
     #[serde(default)]
     pub mode: OutageMode,
@@ -814,6 +818,24 @@ impl Scenario {
                     ));
                 }
                 _ => {}
+            }
+            if let Some(d) = &e.deployment {
+                let Some(res) = e
+                    .resource
+                    .as_ref()
+                    .and_then(|n| self.resources.iter().find(|r| &r.name == n))
+                else {
+                    return Err(err(
+                        format!("{at}.deployment"),
+                        "a deployment event also needs its `resource`",
+                    ));
+                };
+                if !res.deployments.iter().any(|x| &x.name == d) {
+                    return Err(err(
+                        format!("{at}.deployment"),
+                        format!("unknown deployment `{d}` in resource `{}`", res.name),
+                    ));
+                }
             }
             if e.kind == EventKind::HighDemand && e.resource.is_some() {
                 return Err(err(

@@ -776,3 +776,41 @@ fn keys_never_show_in_debug_output() {
         assert!(text.contains("redacted") || !text.contains("api_key"));
     }
 }
+
+#[test]
+fn a_provisioned_deployment_spills_over_while_it_answers_503() {
+    let toml = format!(
+        "{PTU}\n[[events]]\nkind = \"outage\"\nresource = \"ptu\"\ndeployment = \"gpt-4o-spill\"\nmode = \"status\"\nstatus = 503\nstart_s = 10\nend_s = 20\n\
+         [[events]]\nkind = \"outage\"\nresource = \"ptu\"\ndeployment = \"gpt-4o-ptu\"\nmode = \"status\"\nstatus = 503\nstart_s = 10\nend_s = 20\n"
+    );
+    let mut m = model(&toml);
+    let spill = chat("ptu", "gpt-4o-spill", body(0, 10, false));
+    let alone = chat("ptu", "gpt-4o-ptu", body(0, 10, false));
+    assert_eq!(answer(&m.handle(s(5.0), &spill)).verdict, Verdict::Ok);
+    let r = m.handle(s(12.0), &spill);
+    let a = answer(&r);
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.verdict, Verdict::Spilled);
+    assert_eq!(a.headers["x-ms-spillover-error"], "503");
+    assert_eq!(a.headers["x-ms-deployment-name"], "gpt-4o-std");
+    // Without a spillover target the 503 reaches the client; other deployments are unaffected.
+    assert_eq!(m.handle(s(12.0), &alone).status(), Some(503));
+    assert_eq!(
+        m.handle(s(12.0), &chat("ptu", "gpt-4o-std", body(0, 10, false)))
+            .status(),
+        Some(200)
+    );
+    assert_eq!(m.handle(s(20.0), &alone).status(), Some(200));
+}
+
+#[test]
+fn a_slow_event_may_target_one_deployment() {
+    let toml = format!(
+        "{PTU}\n[[events]]\nkind = \"slow\"\nresource = \"ptu\"\ndeployment = \"gpt-4o-std\"\nfactor = 4.0\nstart_s = 0\nend_s = 10\n"
+    );
+    let mut m = model(&toml);
+    let slow = m.handle(s(1.0), &chat("ptu", "gpt-4o-std", body(0, 10, false)));
+    let fast = m.handle(s(1.0), &chat("ptu", "gpt-4o-ptu", body(0, 10, false)));
+    assert_eq!(answer(&slow).timing.first_byte, s(0.4));
+    assert_eq!(answer(&fast).timing.first_byte, s(0.1));
+}

@@ -131,6 +131,18 @@ fn semantic_errors_name_the_field() {
             VALID.replace("seed = 1", "seed = 1\n[tokens]\nchars_per_token = 0.0"),
             "tokens.chars_per_token",
         ),
+        (
+            format!(
+                "{VALID}\n[[events]]\nkind = \"outage\"\nresource = \"east\"\ndeployment = \"gpt-5\"\nstart_s = 1\nend_s = 2\n"
+            ),
+            "events[0].deployment",
+        ),
+        (
+            format!(
+                "{VALID}\n[[events]]\nkind = \"outage\"\nregion = \"eastus2\"\ndeployment = \"gpt-4o\"\nstart_s = 1\nend_s = 2\n"
+            ),
+            "events[0].deployment",
+        ),
     ];
     for (text, field) in cases {
         let e = Scenario::from_toml(&text).unwrap_err();

@@ -11,8 +11,9 @@
 //! 2. auth (`api-key` or bearer, against the resource's key): 401;
 //! 3. the deployment (path, or `model` in the body): 404;
 //! 4. the 403 abuse block of the whole resource (idle-then-burst detector, then blocked for a time);
-//! 5. provisioned deployments: a leaky bucket on estimated tokens, 429 with `retry-after-ms` at
-//!    100 % utilisation, optional spillover to a standard deployment;
+//! 5. a deployment's own outage, then provisioned deployments: a leaky bucket on estimated
+//!    tokens, 429 with `retry-after-ms` at 100 % utilisation, optional spillover to a standard
+//!    deployment (on that 429, or on the deployment's 500/503);
 //! 6. standard deployments: requests in 1 s / 10 s windows (call rate), estimated tokens in a
 //!    one-minute window (token rate);
 //! 7. regional capacity ("high demand"), from the region's concurrent load and burstiness.
@@ -365,6 +366,7 @@ struct EventState {
     end: Duration,
     region: Option<usize>,
     resource: Option<usize>,
+    deployment: Option<usize>,
     mode: OutageMode,
     status: u16,
     factor: f64,
@@ -519,6 +521,13 @@ impl Model {
                     .resource
                     .as_ref()
                     .and_then(|n| scenario.resources.iter().position(|r| &r.name == n)),
+                deployment: e.deployment.as_ref().and_then(|d| {
+                    let r = e
+                        .resource
+                        .as_ref()
+                        .and_then(|n| scenario.resources.iter().find(|r| &r.name == n))?;
+                    r.deployments.iter().position(|x| &x.name == d)
+                }),
                 mode: e.mode,
                 status: e.status,
                 factor: e.factor,
@@ -647,7 +656,7 @@ impl Model {
         let error_latency = secs(self.regions[region].latency.error_ms / 1000.0);
 
         // 1. Outages.
-        if let Some(e) = self.active_event(now, EventKind::Outage, ri) {
+        if let Some(e) = self.active_event(now, EventKind::Outage, ri, None) {
             let (mode, status) = (e.mode, e.status);
             match mode {
                 OutageMode::Refuse => return SimResponse::Refused,
@@ -665,7 +674,9 @@ impl Model {
                 OutageMode::Reset => {}
             }
         }
-        let reset = self.active_event(now, EventKind::Outage, ri).is_some();
+        let mut reset = self
+            .active_event(now, EventKind::Outage, ri, None)
+            .is_some();
 
         // 2. Auth.
         if req.api_key.as_deref() != Some(self.resources[ri].api_key.as_str()) {
@@ -742,58 +753,55 @@ impl Model {
         let mut served = di;
         let mut spilled = false;
 
+        // A deployment's own outage: a provisioned deployment spills over on 500/503.
+        if let Some(e) = self.active_event(now, EventKind::Outage, ri, Some(di)) {
+            let (mode, status) = (e.mode, e.status);
+            match mode {
+                OutageMode::Refuse => return SimResponse::Refused,
+                OutageMode::Reset => reset = true,
+                OutageMode::Status => match self.spill_target(req, ri, di) {
+                    Some(to) if status == 500 || status == 503 => {
+                        self.mark_spill(&mut headers, ri, di, to, status);
+                        served = to;
+                        spilled = true;
+                    }
+                    _ => {
+                        let status =
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                        return SimResponse::Answer(self.error(
+                            headers,
+                            status,
+                            texts::server_error(status.as_u16()),
+                            Verdict::Outage,
+                            error_latency,
+                        ));
+                    }
+                },
+            }
+        }
+
         // 5. Provisioned.
-        if self.resources[ri].deployments[di].kind == DeploymentKind::Provisioned {
+        if !spilled && self.resources[ri].deployments[di].kind == DeploymentKind::Provisioned {
             match self.ptu_admit(now, ri, di, estimate, &mut headers) {
                 Ok(()) => {}
-                Err(retry) => {
-                    let spill = req
-                        .spillover_deployment
-                        .as_deref()
-                        .and_then(|s| {
-                            self.resources[ri]
-                                .deployments
-                                .iter()
-                                .position(|d| d.name == s && d.kind == DeploymentKind::Standard)
-                        })
-                        .or(self.resources[ri].deployments[di].spillover_to);
-                    match spill {
-                        Some(to) => {
-                            let from = &self.resources[ri].deployments[di];
-                            if from.spillover_header != SpilloverHeader::Named {
-                                headers.insert(
-                                    "x-ms-spillover-from-deployment",
-                                    from.name_header.clone(),
-                                );
-                            }
-                            if from.spillover_header != SpilloverHeader::Generic
-                                && let Ok(name) = HeaderName::from_bytes(
-                                    format!("x-ms-spillover-from-{}", from.name).as_bytes(),
-                                )
-                            {
-                                headers.insert(name, HeaderValue::from_static("true"));
-                            }
-                            headers.insert("x-ms-spillover-error", HeaderValue::from_static("429"));
-                            headers.insert(
-                                "x-ms-deployment-name",
-                                self.resources[ri].deployments[to].name_header.clone(),
-                            );
-                            served = to;
-                            spilled = true;
-                        }
-                        None => {
-                            let message = self.resources[ri].deployments[di].ptu_message.clone();
-                            self.delay_headers(&mut headers, HeaderStyle::Both, retry);
-                            return SimResponse::Answer(self.error(
-                                headers,
-                                StatusCode::TOO_MANY_REQUESTS,
-                                texts::provisioned(&message),
-                                Verdict::Provisioned,
-                                error_latency,
-                            ));
-                        }
+                Err(retry) => match self.spill_target(req, ri, di) {
+                    Some(to) => {
+                        self.mark_spill(&mut headers, ri, di, to, 429);
+                        served = to;
+                        spilled = true;
                     }
-                }
+                    None => {
+                        let message = self.resources[ri].deployments[di].ptu_message.clone();
+                        self.delay_headers(&mut headers, HeaderStyle::Both, retry);
+                        return SimResponse::Answer(self.error(
+                            headers,
+                            StatusCode::TOO_MANY_REQUESTS,
+                            texts::provisioned(&message),
+                            Verdict::Provisioned,
+                            error_latency,
+                        ));
+                    }
+                },
             }
         }
 
@@ -853,7 +861,7 @@ impl Model {
         } else {
             render::placeholder(&success)
         };
-        let timing = self.timing(now, ri, output_tokens, &body);
+        let timing = self.timing(now, ri, served, output_tokens, &body);
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static(if matches!(body, SimBody::Stream(_)) {
@@ -991,14 +999,62 @@ impl Model {
         }
     }
 
-    fn active_event(&self, now: Duration, kind: EventKind, ri: usize) -> Option<&EventState> {
+    /// The first event of `kind` active at `now` for the region or resource `ri` (`di: None`), or
+    /// for its deployment `di` only (`di: Some`).
+    fn active_event(
+        &self,
+        now: Duration,
+        kind: EventKind,
+        ri: usize,
+        di: Option<usize>,
+    ) -> Option<&EventState> {
         let region = self.resources[ri].region;
         self.events.iter().find(|e| {
             e.kind == kind
                 && e.start <= now
                 && now < e.end
-                && (e.region == Some(region) || e.resource == Some(ri))
+                && match (di, e.deployment) {
+                    (None, None) => e.region == Some(region) || e.resource == Some(ri),
+                    (Some(d), Some(ed)) => e.resource == Some(ri) && d == ed,
+                    _ => false,
+                }
         })
+    }
+
+    /// Where a provisioned deployment's request spills over to, if anywhere: the request's
+    /// `x-ms-spillover-deployment`, else the deployment's `spillover_to`.
+    fn spill_target(&self, req: &SimRequest, ri: usize, di: usize) -> Option<usize> {
+        if self.resources[ri].deployments[di].kind != DeploymentKind::Provisioned {
+            return None;
+        }
+        req.spillover_deployment
+            .as_deref()
+            .and_then(|s| {
+                self.resources[ri]
+                    .deployments
+                    .iter()
+                    .position(|d| d.name == s && d.kind == DeploymentKind::Standard)
+            })
+            .or(self.resources[ri].deployments[di].spillover_to)
+    }
+
+    /// The spillover response headers: served by `to` instead of `from` because of `error`.
+    fn mark_spill(&self, headers: &mut HeaderMap, ri: usize, from: usize, to: usize, error: u16) {
+        let from = &self.resources[ri].deployments[from];
+        if from.spillover_header != SpilloverHeader::Named {
+            headers.insert("x-ms-spillover-from-deployment", from.name_header.clone());
+        }
+        if from.spillover_header != SpilloverHeader::Generic
+            && let Ok(name) =
+                HeaderName::from_bytes(format!("x-ms-spillover-from-{}", from.name).as_bytes())
+        {
+            headers.insert(name, HeaderValue::from_static("true"));
+        }
+        headers.insert("x-ms-spillover-error", HeaderValue::from(error));
+        headers.insert(
+            "x-ms-deployment-name",
+            self.resources[ri].deployments[to].name_header.clone(),
+        );
     }
 
     /// Records an arrival at the resource; `true` if the resource is (now) blocked.
@@ -1159,7 +1215,7 @@ impl Model {
     fn capacity_refuses(&mut self, now: Duration, ri: usize) -> Option<Duration> {
         let region = self.resources[ri].region;
         let base = self.regions[region].capacity;
-        let event = self.active_event(now, EventKind::HighDemand, ri);
+        let event = self.active_event(now, EventKind::HighDemand, ri, None);
         if !base.always && event.is_none() {
             return None;
         }
@@ -1234,12 +1290,22 @@ impl Model {
         }
     }
 
-    fn timing(&mut self, now: Duration, ri: usize, output_tokens: u64, body: &SimBody) -> Timing {
+    fn timing(
+        &mut self,
+        now: Duration,
+        ri: usize,
+        di: usize,
+        output_tokens: u64,
+        body: &SimBody,
+    ) -> Timing {
         let region = self.resources[ri].region;
         let lat = self.regions[region].latency;
         let factor = self
-            .active_event(now, EventKind::Slow, ri)
-            .map_or(1.0, |e| e.factor);
+            .active_event(now, EventKind::Slow, ri, None)
+            .map_or(1.0, |e| e.factor)
+            * self
+                .active_event(now, EventKind::Slow, ri, Some(di))
+                .map_or(1.0, |e| e.factor);
         let first = lat.first_token_ms * factor * lognormal(&mut self.rng, lat.jitter);
         let per = lat.per_token_ms * factor * lognormal(&mut self.rng, lat.jitter);
         let first_byte = secs(first / 1000.0);
