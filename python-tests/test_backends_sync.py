@@ -336,3 +336,41 @@ def test_diagnose_names_quota_for_token_rate_429s(server: ScriptedServer, sleep:
     finding = diagnosis.to_dict()["findings"][0]
     assert finding["evidence"]["429s by cause"] == "quota 2, capacity 0, provisioned 0, unknown 0"
     assert diagnosis.text.startswith("[quota]")
+
+
+def test_legacy_httpx_transport_rewrites_for_its_backends(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:
+    import httpx
+
+    east.play(throttle(retry_after_ms="2000"))
+    transport = tower_aoai.HttpxTransport(backends=two(east, west), sleep=sleep)
+    with httpx.Client(transport=transport) as client:
+        response = client.post(
+            "https://sdk.example/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            json={"messages": []},
+            headers={"api-key": SDK_KEY},
+        )
+    assert response.json()["choices"][0]["message"]["content"] == "from west"
+    assert (len(east.hits), len(west.hits)) == (1, 1)
+    assert west.hits[0].headers["api-key"] == WEST_KEY
+    assert west.hits[0].headers["host"] == west.url.removeprefix("http://")
+    assert sleep.waits == []
+
+
+def test_settings_are_kept_and_shown() -> None:
+    engine = tower_aoai.Engine(
+        backends=[tower_aoai.Backend("a", "https://a.example", api_key=EAST_KEY, rpm=600.0, tier=0)],
+        max_concurrency=8,
+        rpm=1200.0,
+        queue_timeout=5.0,
+    )
+    assert (engine.initial_concurrency, engine.min_concurrency, engine.max_concurrency) == (4, 1, 8)
+    assert (engine.rpm, engine.tpm, engine.queue_timeout) == (1200.0, None, 5.0)
+    assert not engine.passthrough and tower_aoai.Engine().passthrough
+    (backend,) = engine.backends
+    assert (backend.name, backend.tier, backend.weight, backend.rpm) == ("a", 0, 1, 600.0)
+    shown = repr(engine)
+    assert "backends=[\"a\"]" in shown and "max_concurrency=8" in shown and "rpm=1200.0" in shown
+    assert repr(backend) == (
+        "Backend(\"a\", \"https://a.example\", deployment=None, region=None, api_key=<redacted>, "
+        "tier=0, weight=1, rpm=600.0, tpm=None)"
+    )
