@@ -224,27 +224,28 @@ impl Backends {
         let mut targets = Vec::with_capacity(backends.len());
         let mut resources: Vec<String> = Vec::new();
         for (i, b) in backends.iter().enumerate() {
-            let at = |reason: String| format!("backends[{i}] ({:?}): {reason}", b.name);
+            let at = |reason: String| format!("{:?}: {reason}", b.name);
             if b.name.trim().is_empty() {
-                return Err(ConfigError::new(
-                    "backends.name",
-                    at("must not be empty".into()),
-                ));
+                return Err(
+                    ConfigError::new("backends.name", at("must not be empty".into())).at_index(i),
+                );
             }
             if let Some(j) = backends[..i].iter().position(|o| o.name == b.name) {
                 return Err(ConfigError::new(
                     "backends.name",
                     at(format!("duplicates backends[{j}]")),
-                ));
+                )
+                .at_index(i));
             }
             if b.weight == 0 {
                 return Err(ConfigError::new(
                     "backends.weight",
                     at("must be greater than zero".into()),
-                ));
+                )
+                .at_index(i));
             }
             if let Some(reason) = &b.api_key_error {
-                return Err(ConfigError::new("backends.api_key", at(reason.clone())));
+                return Err(ConfigError::new("backends.api_key", at(reason.clone())).at_index(i));
             }
             if let Some(d) = &b.deployment
                 && (d.is_empty()
@@ -257,10 +258,11 @@ impl Backends {
                     at(format!(
                         "{d:?} must be non-empty letters, digits, '-', '_' or '.'"
                     )),
-                ));
+                )
+                .at_index(i));
             }
             let (scheme, authority, base_path) = parse_endpoint(&b.endpoint)
-                .map_err(|r| ConfigError::new("backends.endpoint", at(r)))?;
+                .map_err(|r| ConfigError::new("backends.endpoint", at(r)).at_index(i))?;
             // The resource is the endpoint host (and its port, when it is not the scheme's
             // default: two local proxies on one host are two endpoints).
             let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
@@ -541,7 +543,7 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.field(), "backends.name");
-        assert!(err.reason().contains("backends[1]"), "{err}");
+        assert_eq!(err.path(), "backends[1].name");
         assert!(err.reason().contains("backends[0]"), "{err}");
         for (endpoint, needle) in [
             ("ftp://a.example", "scheme"),
@@ -556,7 +558,11 @@ mod tests {
             ])
             .unwrap_err();
             assert_eq!(err.field(), "backends.endpoint", "{endpoint}");
-            assert!(err.reason().starts_with("backends[1]"), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with("invalid `backends[1].endpoint`"),
+                "{err}"
+            );
             assert!(err.reason().contains(needle), "{endpoint}: {err}");
         }
         let err =
