@@ -336,6 +336,9 @@ pub struct Deployment {
     /// Provisioned with spillover: how the answer names the deployment it spilled from.
     #[serde(default)]
     pub spillover_header: SpilloverHeader,
+    /// A request whose estimate exceeds this is refused with 400 `context_length_exceeded`.
+    #[serde(default = "default_max_request_tokens")]
+    pub max_request_tokens: u64,
 }
 
 /// How a spilled-over answer names the provisioned deployment it came from (spellings vary).
@@ -559,6 +562,9 @@ fn default_rpm_windows() -> Vec<u32> {
 }
 fn default_ptu_message() -> String {
     "Requests to this provisioned deployment have exceeded its provisioned throughput: utilization is above 100%. Please retry after the time in the retry-after-ms header.".to_string()
+}
+fn default_max_request_tokens() -> u64 {
+    1_000_000
 }
 fn default_outage_status() -> u16 {
     503

@@ -814,3 +814,19 @@ fn a_slow_event_may_target_one_deployment() {
     assert_eq!(answer(&slow).timing.first_byte, s(0.4));
     assert_eq!(answer(&fast).timing.first_byte, s(0.1));
 }
+
+#[test]
+fn a_request_larger_than_the_context_is_a_400() {
+    let mut m = model(&one_deployment(
+        "tpm = 100000000\nmax_request_tokens = 1000",
+    ));
+    let r = m.handle(s(0.0), &chat("east", "gpt-4o", body(0, 1001, false)));
+    assert_eq!(r.status(), Some(400));
+    let v: serde_json::Value = serde_json::from_slice(&answer(&r).body.to_bytes()).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(
+        m.handle(s(0.0), &chat("east", "gpt-4o", body(0, 1000, false)))
+            .status(),
+        Some(200)
+    );
+}

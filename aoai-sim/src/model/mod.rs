@@ -357,6 +357,7 @@ struct DeploymentState {
     /// Set when the deployment has its own default completion budget.
     estimator: Option<TokenEstimator>,
     spillover_header: SpilloverHeader,
+    max_request_tokens: u64,
 }
 
 #[derive(Debug)]
@@ -501,6 +502,7 @@ impl Model {
                                 .ok()
                             }),
                             spillover_header: d.spillover_header,
+                            max_request_tokens: d.max_request_tokens,
                         }
                     })
                     .collect(),
@@ -752,6 +754,17 @@ impl Model {
         let api_version = req.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
         let mut served = di;
         let mut spilled = false;
+
+        let limit = self.resources[ri].deployments[di].max_request_tokens;
+        if estimate > limit {
+            return SimResponse::Answer(self.error(
+                headers,
+                StatusCode::BAD_REQUEST,
+                texts::context_length(limit, estimate),
+                Verdict::BadRequest,
+                error_latency,
+            ));
+        }
 
         // A deployment's own outage: a provisioned deployment spills over on 500/503.
         if let Some(e) = self.active_event(now, EventKind::Outage, ri, Some(di)) {

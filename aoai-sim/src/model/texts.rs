@@ -90,6 +90,17 @@ pub(crate) fn bad_request(message: &str) -> String {
     json!({"error": {"code": "BadRequest", "message": message, "type": "invalid_request_error", "param": null}}).to_string()
 }
 
+/// 400, a request larger than the model's context.
+pub(crate) fn context_length(limit: u64, tokens: u64) -> String {
+    json!({"error": {
+        "code": "context_length_exceeded",
+        "message": format!("This model's maximum context length is {limit} tokens. However, you requested {tokens} tokens. Please reduce the length of the messages or completion."),
+        "type": "invalid_request_error",
+        "param": "messages",
+    }})
+    .to_string()
+}
+
 /// 5xx during an outage.
 pub(crate) fn server_error(status: u16) -> String {
     if status == 503 {
