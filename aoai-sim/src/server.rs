@@ -48,6 +48,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::thread;
@@ -335,13 +336,25 @@ impl std::fmt::Display for Dropped {
 
 impl std::error::Error for Dropped {}
 
+/// An answer the server makes without the model (unknown route, bad method, body too large); it
+/// carries the same identifying headers as the model's answers.
 fn json_response(status: StatusCode, body: String) -> Response<SimHttpBody> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = format!("00000000-0000-4000-8000-{n:012x}");
     let mut r = Response::new(SimHttpBody::full(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Ok(id) = HeaderValue::from_str(&id) {
+        h.insert("apim-request-id", id.clone());
+        h.insert("x-request-id", id);
+    }
+    h.insert("x-ms-region", HeaderValue::from_static(""));
+    h.insert("x-ms-deployment-name", HeaderValue::from_static(""));
     r
 }
 

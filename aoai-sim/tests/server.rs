@@ -445,6 +445,14 @@ fn hostile_input_gets_an_error_answer_and_the_server_keeps_serving() {
     for path in paths {
         let r = send(&server, path, &key, CHAT).unwrap();
         assert!(r.status.is_client_error(), "{path}: {}", r.status);
+        for h in [
+            "apim-request-id",
+            "x-request-id",
+            "x-ms-region",
+            "x-ms-deployment-name",
+        ] {
+            assert!(r.headers.contains_key(h), "{path}: {h}");
+        }
     }
     let bodies = [
         "",
