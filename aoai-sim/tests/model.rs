@@ -204,6 +204,8 @@ fn capacity_throttling_follows_concurrent_load_and_the_timeline() {
         );
     }
     // Load is released when answers complete (1 s latency): room again at 11.1 s.
+    assert_eq!(m.in_flight("eastus2", s(10.95)), 2);
+    assert_eq!(m.in_flight("eastus2", s(11.15)), 0);
     assert_eq!(m.handle(s(11.15), &req).status(), Some(200));
     // After the event: no limit.
     for i in 0..5 {

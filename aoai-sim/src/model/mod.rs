@@ -302,6 +302,7 @@ impl Stats {
 
 #[derive(Debug)]
 struct RegionState {
+    name: String,
     display: HeaderValue,
     latency: Latency,
     capacity: Capacity,
@@ -430,6 +431,7 @@ impl Model {
             .regions
             .iter()
             .map(|r| RegionState {
+                name: r.name.clone(),
                 display: header(r.display_name.as_deref().unwrap_or(&r.name)),
                 latency: r.latency,
                 capacity: r.capacity,
@@ -579,11 +581,10 @@ impl Model {
     }
 
     /// Requests in flight in a region at `now` (for tests and reports).
-    pub fn in_flight(&mut self, region: &str, now: Duration, scenario: &Scenario) -> usize {
-        let Some(i) = scenario.regions.iter().position(|r| r.name == region) else {
+    pub fn in_flight(&mut self, region: &str, now: Duration) -> usize {
+        let Some(r) = self.regions.iter_mut().find(|r| r.name == region) else {
             return 0;
         };
-        let r = &mut self.regions[i];
         expire(&mut r.in_flight, now);
         r.in_flight.len()
     }
