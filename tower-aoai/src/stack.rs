@@ -44,12 +44,16 @@
 //! ```
 
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::limit::{AdaptiveConcurrency, AdaptiveConcurrencyLayer, LimiterHandle};
+use crate::observe::StatsHandle;
+use crate::policy::diagnose::{self, Diagnosis};
 use crate::policy::route::{Backend, BackendId, Backends, RoutePolicy, RouteStats};
+use crate::policy::stats::{Gauges, Stats, router_gauges};
 use crate::policy::{ConfigError, RetryBudget, RetryPolicy};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
@@ -63,6 +67,7 @@ pub struct Stack<S> {
     inner: StackService<S>,
     route: RouteLayer,
     limiters: Vec<LimiterHandle>,
+    stats: StatsHandle,
 }
 
 impl Stack<()> {
@@ -73,6 +78,40 @@ impl Stack<()> {
 }
 
 impl<S> Stack<S> {
+    /// Counters and gauges per backend, as of now: every attempt's outcome (429s by cause, 403s,
+    /// 5xx, connection errors), headroom from the rate-limit headers, latency, and the limiter's
+    /// and router's state (limit, in flight, queue, cooldown and breaker deadlines).
+    pub fn stats(&self) -> Stats {
+        let now = std::time::Instant::now();
+        let wall = SystemTime::now();
+        self.route.inspect(|router| {
+            self.stats.with(|stats| {
+                for id in router.backends().ids() {
+                    let limiter = self.limiters[id.index()].snapshot();
+                    let gauges = Gauges {
+                        limit: Some(limiter.limit),
+                        in_flight: limiter.in_flight,
+                        queue_depth: u32::try_from(limiter.queued).unwrap_or(u32::MAX),
+                        ..router_gauges(router, id, now, wall)
+                    };
+                    stats.set_gauges(router.backends().get(id).name(), gauges);
+                }
+                stats.clone()
+            })
+        })
+    }
+
+    /// Why throttling happened, from the stats: quota, capacity, provisioned or region, with the
+    /// figures, and the support record of every 403 block.
+    pub fn diagnose(&self) -> Diagnosis {
+        diagnose::diagnose(&self.stats())
+    }
+
+    /// The shared stats handle the route layer records into.
+    pub fn stats_handle(&self) -> &StatsHandle {
+        &self.stats
+    }
+
     /// The router's counters (calls, attempts, hedges, cancellations, waits).
     pub fn route_stats(&self) -> RouteStats {
         self.route.stats()
@@ -197,12 +236,16 @@ impl StackBuilder {
             retry = retry.with_seed(seed.wrapping_add(1));
         }
         let rooms = limiters.clone();
-        let route = route.with_headroom(move |id| headroom(&rooms[id.index()]));
+        let stats = StatsHandle::new();
+        let route = route
+            .with_headroom(move |id| headroom(&rooms[id.index()]))
+            .with_stats(stats.clone());
         let inner = retry.layer(route.layer_each(services));
         Ok(Stack {
             inner,
             route,
             limiters,
+            stats,
         })
     }
 }
@@ -411,5 +454,67 @@ mod tests {
         );
         assert_eq!(stack.route_stats().hedges, 1);
         assert_eq!(stack.route_stats().cancelled, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_and_diagnosis_per_backend() {
+        use crate::policy::diagnose::FindingKind;
+        const PEAK: &str = r#"{"error":{"code":"429","message":"The system is currently experiencing high demand and cannot process your request. Your request exceeds the maximum usage size allowed during peak load."}}"#;
+        let client = service_fn(|req: Request<Full<Bytes>>| async move {
+            let east = req.uri().host() == Some("east.example");
+            let res = if east {
+                Response::builder()
+                    .status(429)
+                    .header("retry-after-ms", "50")
+                    .body(Full::new(Bytes::from_static(PEAK.as_bytes())))
+            } else {
+                Response::builder()
+                    .header("x-ratelimit-remaining-tokens", "99000")
+                    .header("x-ratelimit-limit-tokens", "100000")
+                    .body(Full::new(Bytes::from_static(b"{}")))
+            };
+            Ok::<_, Infallible>(res.unwrap())
+        });
+        let stack = Stack::builder()
+            .backend(
+                Backend::new("east", "https://east.example")
+                    .with_region("eastus2")
+                    .with_api_key("east-secret-key")
+                    .with_tier(0),
+            )
+            .backend(
+                Backend::new("west", "https://west.example")
+                    .with_region("westeurope")
+                    .with_api_key("west-secret-key")
+                    .with_tier(1),
+            )
+            .seed(3)
+            .build(client)
+            .unwrap();
+        for _ in 0..20 {
+            let res = stack.clone().oneshot(req()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let stats = stack.stats();
+        let east = stats.backend("east").unwrap();
+        let west = stats.backend("west").unwrap();
+        assert_eq!(east.throttled.capacity, east.requests);
+        assert!(east.requests >= 1);
+        assert_eq!(west.successes, 20);
+        assert_eq!(west.headroom.remaining_tokens, Some(99_000));
+        assert_eq!(west.gauges.in_flight, 0);
+        assert_eq!(west.gauges.breaker, Some("closed"));
+        let diagnosis = stack.diagnose();
+        assert!(
+            diagnosis.kinds().contains(&FindingKind::Capacity),
+            "{diagnosis}"
+        );
+        assert!(
+            diagnosis.kinds().contains(&FindingKind::Region),
+            "{diagnosis}"
+        );
+        let text = format!("{diagnosis}\n{stats:?}");
+        assert!(!text.contains("secret-key"), "a key leaked: {text}");
     }
 }

@@ -44,10 +44,9 @@ use super::limit::{AdaptiveLimit, LimitConfig, Permit};
 use super::pacing::{Pacer, PacingConfig};
 use super::retry::{Action, CallState, GiveUpReason, RetryPolicy};
 use super::route::{
-    Availability, Backend, BackendId, Backends, BreakerState, Pick, RouteCall, RoutePolicy, Router,
-    SupportRecord,
+    Availability, Backend, BackendId, Backends, Pick, RouteCall, RoutePolicy, Router, SupportRecord,
 };
-use super::stats::{Attempt, Gauges, Stats};
+use super::stats::{self, Attempt, Gauges, Stats};
 use super::{ConfigError, RetryBudget, TokenEstimator};
 
 /// The longest single wait for a permit before the call looks again (an attempt ending wakes the
@@ -452,33 +451,12 @@ impl Engine {
 
     /// The statistics, with the limiter's and router's gauges as of `now`.
     pub fn stats(&mut self, now: Instant, wall_now: SystemTime) -> &Stats {
-        let to_wall = |at: Instant| wall_now + at.saturating_duration_since(now);
         for id in self.router.backends().ids() {
             let limit = &self.limits[id.index()];
-            let (cooldown_until, breaker_until) = match self.router.availability(id, now) {
-                Availability::CoolingDown(at) => (Some(to_wall(at)), None),
-                Availability::BreakerOpen(at) | Availability::Blocked(at) => {
-                    (None, Some(to_wall(at)))
-                }
-                _ => (None, None),
-            };
-            let breaker = match self.router.breaker(id) {
-                BreakerState::Closed => "closed",
-                BreakerState::Open { .. } => "open",
-                BreakerState::HalfOpen { .. } => "half-open",
-            };
-            let breaker = if matches!(self.router.availability(id, now), Availability::Blocked(_)) {
-                "blocked"
-            } else {
-                breaker
-            };
             let gauges = Gauges {
                 limit: Some(limit.limit_at(now)),
                 in_flight: limit.in_flight(),
-                queue_depth: 0,
-                cooldown_until,
-                breaker: Some(breaker),
-                breaker_until,
+                ..stats::router_gauges(&self.router, id, now, wall_now)
             };
             let name = self.router.backends().get(id).name().to_owned();
             self.stats.set_gauges(&name, gauges);

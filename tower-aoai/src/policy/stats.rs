@@ -7,13 +7,14 @@
 //! to the numbers of `x-ratelimit-*`, and [`SupportRecord`] drops credentials and cookies.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
 
 use super::classify::{Classification, Outcome, ThrottleCause, TransientKind};
 use super::route::blocked::SupportRecord;
 use super::route::hedge::LatencyHistogram;
+use super::route::{Availability, BackendId, BreakerState, Router};
 
 /// How many 403 support records are kept (the most recent).
 pub const MAX_BLOCK_RECORDS: usize = 16;
@@ -139,6 +140,31 @@ pub struct Gauges {
     pub breaker: Option<&'static str>,
     /// The breaker stays open until then (wall clock).
     pub breaker_until: Option<SystemTime>,
+}
+
+/// The router's part of a backend's gauges as of `now` (cooldown, breaker, block), with instants
+/// turned into wall-clock times; the limiter's part (`limit`, `in_flight`, `queue_depth`) is left
+/// for the caller to fill.
+pub fn router_gauges(router: &Router, id: BackendId, now: Instant, wall_now: SystemTime) -> Gauges {
+    let to_wall = |at: Instant| wall_now + at.saturating_duration_since(now);
+    let (cooldown_until, breaker_until, state) = match router.availability(id, now) {
+        Availability::CoolingDown(at) => (Some(to_wall(at)), None, None),
+        Availability::BreakerOpen(at) => (None, Some(to_wall(at)), Some("open")),
+        Availability::Blocked(at) => (None, Some(to_wall(at)), Some("blocked")),
+        Availability::Probing => (None, None, Some("half-open")),
+        Availability::Usable => (None, None, None),
+    };
+    let breaker = state.unwrap_or(match router.breaker(id) {
+        BreakerState::Closed => "closed",
+        BreakerState::Open { .. } => "open",
+        BreakerState::HalfOpen { .. } => "half-open",
+    });
+    Gauges {
+        cooldown_until,
+        breaker: Some(breaker),
+        breaker_until,
+        ..Gauges::default()
+    }
 }
 
 /// Everything observed about one backend.

@@ -3,6 +3,8 @@ use std::sync::{Arc, Mutex};
 
 use tower_layer::Layer;
 
+use crate::observe::StatsHandle;
+
 use super::Route;
 use crate::policy::route::{BackendId, Backends, RoutePolicy, RouteStats, Router};
 
@@ -27,6 +29,7 @@ pub(super) struct Shared {
 pub(super) struct Core {
     pub(super) router: Router,
     pub(super) rng: fastrand::Rng,
+    pub(super) stats: Option<StatsHandle>,
 }
 
 impl fmt::Debug for RouteLayer {
@@ -57,12 +60,17 @@ impl RouteLayer {
 
     /// Seeds the random choices and jitter, so that runs are reproducible.
     pub fn with_seed(self, seed: u64) -> Self {
-        let router = self.shared.lock().router.clone();
-        Self::from_parts(
+        let (router, stats) = {
+            let core = self.shared.lock();
+            (core.router.clone(), core.stats.clone())
+        };
+        let layer = Self::from_parts(
             router,
             fastrand::Rng::with_seed(seed),
             self.shared.headroom.clone(),
-        )
+        );
+        layer.shared.lock().stats = stats;
+        layer
     }
 
     /// Where the router learns each backend's room (the limiter's and pacing's headroom).
@@ -72,9 +80,17 @@ impl RouteLayer {
         headroom: impl Fn(BackendId) -> f64 + Send + Sync + 'static,
     ) -> Self {
         let core = self.shared.lock();
-        let (router, rng) = (core.router.clone(), core.rng.clone());
+        let (router, rng, stats) = (core.router.clone(), core.rng.clone(), core.stats.clone());
         drop(core);
-        Self::from_parts(router, rng, Arc::new(headroom))
+        let layer = Self::from_parts(router, rng, Arc::new(headroom));
+        layer.shared.lock().stats = stats;
+        layer
+    }
+
+    /// Records every attempt, per backend, into `stats` (and each 403 block's support record).
+    pub fn with_stats(self, stats: StatsHandle) -> Self {
+        self.shared.lock().stats = Some(stats);
+        self
     }
 
     /// The counters of the shared router.
@@ -102,7 +118,11 @@ impl RouteLayer {
     fn from_parts(router: Router, rng: fastrand::Rng, headroom: Headroom) -> Self {
         Self {
             shared: Arc::new(Shared {
-                core: Mutex::new(Core { router, rng }),
+                core: Mutex::new(Core {
+                    router,
+                    rng,
+                    stats: None,
+                }),
                 headroom,
             }),
         }

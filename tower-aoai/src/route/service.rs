@@ -15,6 +15,7 @@ use super::future::ResponseFuture;
 use super::layer::Shared;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
+use crate::policy::stats::Attempt;
 use crate::retry::{Deadline, RetryBody, read_error_body};
 
 /// Routes each call to one of several backends, fails over and hedges. See the
@@ -347,6 +348,22 @@ where
         let mut core = guard.shared.lock();
         let core = &mut *core;
         guard.done = true;
+        if let Some(stats) = &core.stats {
+            let backend = core.router.backends().get(id);
+            stats.record(Attempt {
+                backend: backend.name(),
+                region: backend.region(),
+                class: &class,
+                headers: result.as_ref().ok().map(|r| r.headers()),
+                latency: Some(latency),
+                retry: false,
+                hedge: false,
+                wall_now: SystemTime::now(),
+            });
+            if let Some(record) = &record {
+                stats.with(|s| s.record_block(record.clone()));
+            }
+        }
         match record {
             Some(record) => {
                 tracing::warn!(
