@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod driver;
+pub mod future;
 pub mod limit;
 pub mod observe;
 pub mod policy;

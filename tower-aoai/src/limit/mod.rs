@@ -66,12 +66,11 @@
 //! ```
 
 mod body;
-mod future;
 mod layer;
 mod service;
 
+pub use crate::future::ResponseFuture;
 pub use body::LimitBody;
-pub use future::ResponseFuture;
 pub use layer::AdaptiveConcurrencyLayer;
 pub use service::{
     AdaptiveConcurrency, LimiterHandle, LimiterSnapshot, OverloadReason, Overloaded, TokenEstimate,

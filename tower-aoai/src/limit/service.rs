@@ -15,8 +15,9 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::body::LimitBody;
-use super::future::ResponseFuture;
 use super::layer::{AdaptiveConcurrencyLayer, Settings};
+use crate::driver::{now, transport_error};
+use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
 use crate::retry::{Deadline, RetryBody, read_error_body};
@@ -249,10 +250,6 @@ where
     }
 }
 
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 async fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,
@@ -278,12 +275,7 @@ where
     let res = match result {
         Ok(res) => res,
         Err(e) => {
-            let kind = if is_timeout(&*e) {
-                TransientKind::Timeout
-            } else {
-                TransientKind::Connect
-            };
-            guard.finish(Outcome::Transient(kind));
+            guard.finish(classify::classify_error(transport_error(&*e)).outcome);
             return Err(e);
         }
     };
@@ -541,20 +533,4 @@ impl Drop for PermitGuard {
             self.shared.released.notify_waiters();
         }
     }
-}
-
-fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(error);
-    while let Some(e) = cur {
-        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }

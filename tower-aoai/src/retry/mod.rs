@@ -61,12 +61,11 @@
 //! ```
 
 mod body;
-mod future;
 mod layer;
 mod service;
 
+pub use crate::future::ResponseFuture;
 pub use body::RetryBody;
 pub(crate) use body::read_error_body;
-pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use service::{Deadline, Retry};

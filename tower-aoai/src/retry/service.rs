@@ -9,8 +9,9 @@ use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::body::{RetryBody, read_error_body};
-use super::future::ResponseFuture;
 use super::layer::Shared;
+use crate::driver::{now, transport_error};
+use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransportError};
 use crate::policy::engine::PASSTHROUGH_BACKEND;
 use crate::policy::stats::Attempt;
@@ -93,10 +94,6 @@ where
     }
 }
 
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 async fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,
@@ -153,14 +150,7 @@ where
             }
             // A 403 block is final: the router sends nothing more to a blocked resource.
             Err(e) if e.is::<crate::policy::route::BlockedError>() => return Err(e),
-            Err(e) => {
-                let kind = if is_timeout(&*e) {
-                    TransportError::Timeout
-                } else {
-                    TransportError::Connect
-                };
-                (classify::classify_error(kind), Err(e))
-            }
+            Err(e) => (classify::classify_error(transport_error(&*e)), Err(e)),
         };
         if let Some(stats) = &shared.stats {
             stats.record(Attempt {
@@ -208,20 +198,4 @@ where
             _ => return result,
         }
     }
-}
-
-fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(error);
-    while let Some(e) = cur {
-        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }

@@ -80,11 +80,10 @@
 //! # Ok(()) }
 //! ```
 
-mod future;
 mod layer;
 mod service;
 
-pub use future::ResponseFuture;
+pub use crate::future::ResponseFuture;
 pub use layer::{Headroom, RouteLayer};
 pub use service::{NoBackendError, Route};
 

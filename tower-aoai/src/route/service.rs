@@ -11,8 +11,9 @@ use http_body::Body;
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
 use super::layer::Shared;
+use crate::driver::{now, transport_error};
+use crate::future::ResponseFuture;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
 use crate::policy::stats::Attempt;
@@ -105,10 +106,6 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         ResponseFuture::new(run(self.services.clone(), self.shared.clone(), req))
     }
-}
-
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
 }
 
 type Res<ResBody> = Result<Response<RetryBody<ResBody>>, BoxError>;
@@ -335,14 +332,7 @@ where
                 classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
             (class, Ok(res.map(RetryBody::passthrough)), None)
         }
-        Err(e) => {
-            let kind = if is_timeout(&*e) {
-                TransportError::Timeout
-            } else {
-                TransportError::Connect
-            };
-            (classify::classify_error(kind), Err(e), None)
-        }
+        Err(e) => (classify::classify_error(transport_error(&*e)), Err(e), None),
     };
     let step = {
         let mut core = guard.shared.lock();
@@ -487,20 +477,4 @@ where
             Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
         }
     }
-}
-
-fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(error);
-    while let Some(e) = cur {
-        if e.is::<tokio::time::error::Elapsed>() || e.is::<tower::timeout::error::Elapsed>() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }

@@ -1,3 +1,5 @@
+//! The response future shared by the layers of this crate.
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -5,17 +7,19 @@ use std::task::{Context, Poll};
 
 use tower::BoxError;
 
-/// The response future of [`Retry`](super::Retry).
+/// The response future of [`Retry`](crate::retry::Retry),
+/// [`AdaptiveConcurrency`](crate::limit::AdaptiveConcurrency) and [`Route`](crate::route::Route).
 ///
-/// The retry loop (attempt, classify, wait, again) is one `async` state machine behind a single
-/// allocation per call; dropping this future cancels the call at whatever point it is (an attempt
-/// in flight, a body being read, a wait), releasing everything it held.
+/// Each layer's work for a call (attempts and waits; queueing, pacing and the attempt; picking,
+/// hedging and failing over) is one `async` state machine behind a single allocation per call.
+/// Dropping this future cancels the call at whatever point it is: attempts in flight are dropped
+/// (their connections with them), permits go back, and the router counts them as cancelled.
 pub struct ResponseFuture<T> {
     inner: Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>,
 }
 
 impl<T> ResponseFuture<T> {
-    pub(super) fn new(fut: impl Future<Output = Result<T, BoxError>> + Send + 'static) -> Self {
+    pub(crate) fn new(fut: impl Future<Output = Result<T, BoxError>> + Send + 'static) -> Self {
         Self {
             inner: Box::pin(fut),
         }
