@@ -64,10 +64,10 @@ enum Command {
     /// Per-request overhead of the layers against a bare hyper client, on loopback.
     Overhead {
         /// Requests per variant per round.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 2_000)]
         requests: usize,
         /// Interleaved rounds (the median counts).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 21)]
         rounds: usize,
         /// Concurrent callers (several values run one after the other).
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -76,6 +76,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the overhead run's zero-latency answer on 127.0.0.1 until stdin closes (for
+    /// `bench/overhead.py`); prints `listening on http://127.0.0.1:PORT`.
+    ServeZero,
 }
 
 fn load(path: &PathBuf, duration: Option<f64>) -> Result<Schedule, String> {
@@ -147,7 +150,6 @@ fn run(cli: Cli) -> Result<(), String> {
                         .into(),
                 );
             }
-            let rt = runtime()?;
             let mut runs = Vec::new();
             for c in concurrency {
                 let options = overhead::Options {
@@ -155,10 +157,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     rounds,
                     concurrency: c,
                 };
-                runs.push(
-                    rt.block_on(overhead::run(options))
-                        .map_err(|e| format!("overhead: {e}"))?,
-                );
+                runs.push(overhead::run(options).map_err(|e| format!("overhead: {e}"))?);
             }
             if json {
                 println!("{}", serde_json::Value::Array(runs));
@@ -167,6 +166,17 @@ fn run(cli: Cli) -> Result<(), String> {
                     print_overhead(run);
                 }
             }
+        }
+        Command::ServeZero => {
+            let rt = runtime()?;
+            let addr = rt
+                .block_on(overhead::serve())
+                .map_err(|e| format!("serve: {e}"))?;
+            println!("listening on http://{addr}");
+            // Serve until the parent closes our stdin (or kills us).
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            drop(rt);
         }
     }
     Ok(())
@@ -178,17 +188,28 @@ fn print_overhead(run: &serde_json::Value) {
         run["concurrency"], run["requests"], run["rounds"]
     );
     println!(
-        "{:<40} {:>12} {:>12} {:>11} {:>9}",
-        "variant", "µs/request", "requests/s", "added µs", "overhead"
+        "{:<40} {:>11} {:>11} {:>9} {:>9} | {:>11} {:>9} {:>9}",
+        "variant",
+        "wall µs/req",
+        "requests/s",
+        "added µs",
+        "overhead",
+        "client CPU",
+        "added µs",
+        "overhead"
     );
     for row in run["rows"].as_array().into_iter().flatten() {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<40} {:>12.2} {:>12.0} {:>11.2} {:>8.1} %",
+            "{:<40} {:>11.2} {:>11.0} {:>9.2} {:>7.1} % | {:>11.2} {:>9.2} {:>7.1} %",
             row["variant"].as_str().unwrap_or("?"),
-            row["us_per_request"].as_f64().unwrap_or(0.0),
-            row["requests_per_s"].as_f64().unwrap_or(0.0),
-            row["added_us"].as_f64().unwrap_or(0.0),
-            row["overhead_ratio"].as_f64().unwrap_or(0.0) * 100.0
+            f("us_per_request"),
+            f("requests_per_s"),
+            f("added_us"),
+            f("overhead_ratio") * 100.0,
+            f("cpu_us_per_request"),
+            f("cpu_added_us"),
+            f("cpu_overhead_ratio") * 100.0
         );
     }
     println!();

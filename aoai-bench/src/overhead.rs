@@ -40,7 +40,7 @@ const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, (), BoxError>;
 
 /// Starts the zero-latency server; returns its address.
-async fn serve() -> std::io::Result<SocketAddr> {
+pub async fn serve() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -128,14 +128,23 @@ fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
     ])
 }
 
-/// One round of one variant: `requests` calls from `concurrency` callers; returns the time.
+/// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`, nanoseconds), if known.
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// One round of one variant: `requests` calls from `concurrency` callers; returns the wall time
+/// and the client thread's CPU time per request.
 async fn round(
     svc: &Svc,
     url: &str,
     requests: usize,
     concurrency: usize,
-) -> Result<Duration, BoxError> {
+) -> Result<(Duration, Option<Duration>), BoxError> {
     let per = requests.div_ceil(concurrency);
+    let cpu0 = thread_cpu();
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -154,12 +163,35 @@ async fn round(
     for t in tasks {
         t.await??;
     }
-    Ok(start.elapsed() / u32::try_from(per * concurrency).unwrap_or(u32::MAX))
+    let n = u32::try_from(per * concurrency).unwrap_or(u32::MAX);
+    let wall = start.elapsed() / n;
+    let cpu = match (cpu0, thread_cpu()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) / n),
+        _ => None,
+    };
+    Ok((wall, cpu))
 }
 
 /// Runs every variant `rounds` times, interleaved, and reports the median time per request.
-pub async fn run(options: Options) -> Result<Value, BoxError> {
-    let addr = serve().await?;
+///
+/// The client runs on this thread (a current-thread runtime: its CPU time is the client's
+/// alone); the server runs on a runtime of its own on another thread.
+pub fn run(options: Options) -> Result<Value, BoxError> {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let addr = server_rt.block_on(serve())?;
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = client_rt.block_on(measure(addr, options));
+    drop(client_rt);
+    server_rt.shutdown_background();
+    result
+}
+
+async fn measure(addr: SocketAddr, options: Options) -> Result<Value, BoxError> {
     let base = format!("http://{addr}");
     let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
     let variants = variants(&base)?;
@@ -167,32 +199,47 @@ pub async fn run(options: Options) -> Result<Value, BoxError> {
     for (_, svc) in &variants {
         round(svc, &url, options.requests.min(2000), options.concurrency).await?;
     }
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    let mut cpus: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
     for _ in 0..options.rounds.max(1) {
         for (i, (_, svc)) in variants.iter().enumerate() {
-            times[i].push(round(svc, &url, options.requests, options.concurrency).await?);
+            let (wall, cpu) = round(svc, &url, options.requests, options.concurrency).await?;
+            walls[i].push(wall);
+            if let Some(cpu) = cpu {
+                cpus[i].push(cpu);
+            }
         }
     }
-    let medians: Vec<Duration> = times
-        .iter_mut()
-        .map(|t| {
-            t.sort_unstable();
-            t[t.len() / 2]
-        })
-        .collect();
-    let bare = medians[0].as_secs_f64();
+    let median = |t: &mut Vec<Duration>| -> Option<f64> {
+        t.sort_unstable();
+        t.get(t.len() / 2).map(Duration::as_secs_f64)
+    };
+    let wall: Vec<f64> = walls.iter_mut().map(|t| median(t).unwrap_or(0.0)).collect();
+    let cpu: Vec<Option<f64>> = cpus.iter_mut().map(median).collect();
     let rows: Vec<Value> = variants
         .iter()
-        .zip(&medians)
-        .map(|((name, _), m)| {
-            let per = m.as_secs_f64();
-            json!({
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let per = wall[i];
+            let cpu_row = match (cpu[i], cpu[0]) {
+                (Some(c), Some(c0)) => json!({
+                    "cpu_us_per_request": c * 1e6,
+                    "cpu_added_us": (c - c0) * 1e6,
+                    "cpu_overhead_ratio": c / c0 - 1.0,
+                }),
+                _ => json!({}),
+            };
+            let mut row = json!({
                 "variant": name,
                 "us_per_request": per * 1e6,
                 "requests_per_s": 1.0 / per,
-                "added_us": (per - bare) * 1e6,
-                "overhead_ratio": per / bare - 1.0,
-            })
+                "added_us": (per - wall[0]) * 1e6,
+                "overhead_ratio": per / wall[0] - 1.0,
+            });
+            if let (Some(r), Some(c)) = (row.as_object_mut(), cpu_row.as_object()) {
+                r.extend(c.clone());
+            }
+            row
         })
         .collect();
     Ok(json!({

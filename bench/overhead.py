@@ -1,0 +1,221 @@
+"""What tower-aoai's Python transports add per request, against bare httpx2 transports, on
+loopback against a server that answers at once (``aoai-bench serve-zero``, a hyper server).
+
+Every variant runs in the same process, interleaved round by round (so machine load hits them
+alike); the median round counts. Two figures per variant: wall time per request (what a caller
+sees) and the client thread's CPU time per request (what the transport costs, less sensitive to
+other load on the machine). Sync: one caller, sequential requests (µs per request is the
+latency). Async: ``--concurrency`` callers on one event loop (µs per request is 1/throughput).
+It also runs the Rust side (``aoai-bench overhead``) unless ``--no-rust``, and writes both to
+``bench/results/overhead.json``.
+
+    .venv/bin/python bench/overhead.py [--requests 200] [--rounds 31] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx2  # noqa: E402
+import tower_aoai  # noqa: E402
+from _common import RESULTS, Server, binary, machine  # noqa: E402
+
+BODY = b'{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
+HEADERS = {"content-type": "application/json", "api-key": "bench-key"}
+
+
+def sync_variants(base: str) -> list[tuple[str, httpx2.Client]]:
+    backend = tower_aoai.Backend("loopback", base, deployment="gpt-4o", api_key="bench-key", tier=0)
+    return [
+        ("bare httpx2.HTTPTransport", httpx2.Client(transport=httpx2.HTTPTransport())),
+        ("tower_aoai.Transport()", httpx2.Client(transport=tower_aoai.Transport())),
+        (
+            "tower_aoai.Transport(backends=[1])",
+            httpx2.Client(transport=tower_aoai.Transport(backends=[backend])),
+        ),
+    ]
+
+
+def async_variants(base: str) -> list[tuple[str, httpx2.AsyncClient]]:
+    backend = tower_aoai.Backend("loopback", base, deployment="gpt-4o", api_key="bench-key", tier=0)
+    limits = httpx2.Limits(max_connections=64, max_keepalive_connections=64)
+    return [
+        (
+            "bare httpx2.AsyncHTTPTransport",
+            httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(limits=limits)),
+        ),
+        (
+            "tower_aoai.AsyncTransport()",
+            httpx2.AsyncClient(
+                transport=tower_aoai.AsyncTransport(httpx2.AsyncHTTPTransport(limits=limits))
+            ),
+        ),
+        (
+            "tower_aoai.AsyncTransport(backends=[1])",
+            httpx2.AsyncClient(
+                transport=tower_aoai.AsyncTransport(
+                    httpx2.AsyncHTTPTransport(limits=limits), backends=[backend]
+                )
+            ),
+        ),
+    ]
+
+
+Sample = tuple[float, float]  # (wall seconds, this thread's CPU seconds) per request
+
+
+def sync_round(client: httpx2.Client, url: str, n: int) -> Sample:
+    cpu = time.thread_time()
+    start = time.perf_counter()
+    for _ in range(n):
+        r = client.post(url, content=BODY, headers=HEADERS)
+        r.read()
+        if r.status_code != 200:
+            raise RuntimeError(f"status {r.status_code}")
+    return (time.perf_counter() - start) / n, (time.thread_time() - cpu) / n
+
+
+async def async_round(client: httpx2.AsyncClient, url: str, n: int, concurrency: int) -> Sample:
+    per = -(-n // concurrency)
+
+    async def caller() -> None:
+        for _ in range(per):
+            r = await client.post(url, content=BODY, headers=HEADERS)
+            await r.aread()
+            if r.status_code != 200:
+                raise RuntimeError(f"status {r.status_code}")
+
+    cpu = time.thread_time()
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    n = per * concurrency
+    return (time.perf_counter() - start) / n, (time.thread_time() - cpu) / n
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        f"{'variant':<40} {'wall µs/req':>11} {'requests/s':>10} {'added µs':>9} {'overhead':>9} | "
+        f"{'client CPU':>10} {'added µs':>9} {'overhead':>9}"
+    ]
+    for r in rows:
+        out.append(
+            f"{r['variant']:<40} {r['us_per_request']:>11.1f} {r['requests_per_s']:>10.0f} "
+            f"{r['added_us']:>9.1f} {r['overhead_ratio'] * 100:>7.1f} % | "
+            f"{r.get('cpu_us_per_request', float('nan')):>10.1f} {r.get('cpu_added_us', float('nan')):>9.1f} "
+            f"{r.get('cpu_overhead_ratio', float('nan')) * 100:>7.1f} %"
+        )
+    return "\n".join(out)
+
+
+def summarise(names: list[str], samples: list[list[Sample]]) -> list[dict[str, Any]]:
+    wall = [statistics.median(w for w, _ in s) for s in samples]
+    cpu = [statistics.median(c for _, c in s) for s in samples]
+    return [
+        {
+            "variant": name,
+            "us_per_request": w * 1e6,
+            "requests_per_s": 1 / w,
+            "added_us": (w - wall[0]) * 1e6,
+            "overhead_ratio": w / wall[0] - 1,
+            "cpu_us_per_request": c * 1e6,
+            "cpu_added_us": (c - cpu[0]) * 1e6,
+            "cpu_overhead_ratio": c / cpu[0] - 1,
+        }
+        for name, w, c in zip(names, wall, cpu, strict=True)
+    ]
+
+
+def interleave(names: list[str], run: Callable[[int], Sample], rounds: int) -> list[dict[str, Any]]:
+    samples: list[list[Sample]] = [[] for _ in names]
+    for _ in range(rounds):
+        for i in range(len(names)):
+            samples[i].append(run(i))
+    return summarise(names, samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200, help="requests per variant per round")
+    ap.add_argument("--rounds", type=int, default=31, help="interleaved rounds (the median counts)")
+    ap.add_argument("--concurrency", type=int, default=16, help="async callers")
+    ap.add_argument("--no-rust", action="store_true", help="skip `aoai-bench overhead`")
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    args = ap.parse_args()
+    if args.requests < 1 or args.rounds < 1 or not 1 <= args.concurrency <= 512:
+        ap.error("--requests and --rounds must be positive, --concurrency in 1..512")
+
+    bench_bin = binary("aoai-bench", "aoai-bench", "AOAI_BENCH_BIN")
+    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+    with Server([str(bench_bin), "serve-zero"]) as server:
+        base = server.url
+        url = f"{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+
+        variants = sync_variants(base)
+        names = [n for n, _ in variants]
+        for _, c in variants:  # warm-up
+            sync_round(c, url, min(args.requests, 500))
+        rows = interleave(names, lambda i: sync_round(variants[i][1], url, args.requests), args.rounds)
+        for _, c in variants:
+            c.close()
+        print(f"Python, sync, 1 caller · {args.requests} requests x {args.rounds} rounds (median round)")
+        print(table(rows), end="\n\n")
+        result["python_sync"] = {"concurrency": 1, "requests": args.requests, "rounds": args.rounds, "rows": rows}
+
+        async def run_async() -> list[dict[str, Any]]:
+            avariants = async_variants(base)
+            anames = [n for n, _ in avariants]
+            for _, c in avariants:
+                await async_round(c, url, min(args.requests, 500), args.concurrency)
+            samples: list[list[Sample]] = [[] for _ in anames]
+            for _ in range(args.rounds):
+                for i, (_, c) in enumerate(avariants):
+                    samples[i].append(await async_round(c, url, args.requests, args.concurrency))
+            for _, c in avariants:
+                await c.aclose()
+            return summarise(anames, samples)
+
+        arows = asyncio.run(run_async())
+        print(
+            f"Python, async, {args.concurrency} callers · {args.requests} requests x {args.rounds} rounds "
+            "(median round)"
+        )
+        print(table(arows), end="\n\n")
+        result["python_async"] = {
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "rounds": args.rounds,
+            "rows": arows,
+        }
+
+    if not args.no_rust:
+        out = subprocess.run(
+            [str(bench_bin), "overhead", "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        ).stdout
+        result["rust"] = json.loads(out)
+        for run in result["rust"]:
+            print(f"Rust, {run['concurrency']} callers · {run['requests']} requests x {run['rounds']} rounds (median)")
+            print(table(run["rows"]), end="\n\n")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
