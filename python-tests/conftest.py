@@ -131,6 +131,7 @@ class ScriptedServer:
         #: Requests being answered now, and the most at once since `play`.
         self.in_flight = 0
         self.max_in_flight = 0
+        self._generation = 0
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, 0), self._handler())
         self._httpd.daemon_threads = True
@@ -142,7 +143,10 @@ class ScriptedServer:
         with self._lock:
             self.script = list(replies)
             self.hits = []
-            self.max_in_flight = self.in_flight
+            # Requests of an earlier script (a reply still delayed) are not counted.
+            self._generation += 1
+            self.in_flight = 0
+            self.max_in_flight = 0
         self.stream_finished.clear()
         self.hit.clear()
 
@@ -154,19 +158,21 @@ class ScriptedServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _next(self, hit: Hit) -> Reply:
+    def _next(self, hit: Hit) -> tuple[Reply, int]:
         with self._lock:
             index = len(self.hits)
             self.hits.append(hit)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             reply = self.script[min(index, len(self.script) - 1)]
+            generation = self._generation
         self.hit.set()
-        return reply
+        return reply, generation
 
-    def _done(self) -> None:
+    def _done(self, generation: int) -> None:
         with self._lock:
-            self.in_flight -= 1
+            if generation == self._generation:
+                self.in_flight -= 1
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -181,15 +187,11 @@ class ScriptedServer:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 hit = Hit(time.monotonic(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-                reply = server._next(hit)
-                try:
-                    self._answer(reply)
-                finally:
-                    server._done()
-
-            def _answer(self, reply: Reply) -> None:
+                reply, generation = server._next(hit)
                 if reply.delay:
                     time.sleep(reply.delay)
+                # In flight until the answer starts: a client can only react to it after this.
+                server._done(generation)
                 try:
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():

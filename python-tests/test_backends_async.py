@@ -103,13 +103,13 @@ async def test_a_cancelled_call_releases_its_permit(server: ScriptedServer, asyn
 
 
 async def test_pacing_waits_with_the_injected_sleep(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
-    interval = 60 / (120 * 0.97)
-    async with httpx2.AsyncClient(transport=tower_aoai.AsyncTransport(rpm=120, sleep=async_sleep)) as client:
+    interval = 60 / (60 * 0.97)
+    async with httpx2.AsyncClient(transport=tower_aoai.AsyncTransport(rpm=60, sleep=async_sleep)) as client:
         for _ in range(3):
             assert (await client.post(server.url + "/p", content=b"{}")).status_code == 200
     assert len(server.hits) == 3
     assert len(async_sleep.waits) == 2
-    assert all(interval - 0.05 <= w <= interval + 1e-6 for w in async_sleep.waits), async_sleep.waits
+    assert all(interval - 0.25 <= w <= interval + 1e-6 for w in async_sleep.waits), async_sleep.waits
 
 
 async def test_a_success_after_failover_is_counted_per_backend(

@@ -243,15 +243,15 @@ def test_a_full_queue_fails_as_overloaded(server: ScriptedServer, sleep: FakeSle
 
 
 def test_pacing_spaces_requests_at_the_known_rpm(server: ScriptedServer, sleep: FakeSleep) -> None:
-    # 600 RPM, paced at 97 %: one request every 60 / (600 * 0.97) s, never a burst.
-    interval = 60 / (600 * 0.97)
-    with httpx2.Client(transport=tower_aoai.Transport(rpm=600, sleep=sleep)) as client:
+    # 60 RPM, paced at 97 %: one request every 60 / (60 * 0.97) s, never a burst.
+    interval = 60 / (60 * 0.97)
+    with httpx2.Client(transport=tower_aoai.Transport(rpm=60, sleep=sleep)) as client:
         for _ in range(5):
             assert client.post(server.url + "/p", content=b"{}").status_code == 200
     assert len(server.hits) == 5
     assert len(sleep.waits) == 4
     # Each wait is what is left of the interval once the previous call's own time is counted.
-    assert all(interval - 0.05 <= w <= interval + 1e-6 for w in sleep.waits), sleep.waits
+    assert all(interval - 0.25 <= w <= interval + 1e-6 for w in sleep.waits), sleep.waits
 
 
 def test_a_backends_own_quota_paces_only_it(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:

@@ -52,7 +52,7 @@ async def chat(client: openai.AsyncAzureOpenAI | openai.AsyncOpenAI) -> str | No
         # HTTP dates have one-second resolution.
         (lambda: throttle(retry_after=http_date(30)), 28.0, 33.0),
         (lambda: throttle(x_ratelimit_reset_tokens="1m"), 0.0, 0.0),  # longer than max_wait: give up
-        (lambda: throttle(x_ratelimit_reset_requests="20ms"), 0.02, 0.022),
+        (lambda: throttle(x_ratelimit_reset_requests="200ms"), 0.2, 0.22),
     ],
     ids=["retry-after-ms", "retry-after", "http-date", "reset-too-long", "reset-requests"],
 )
@@ -70,7 +70,8 @@ async def test_waits_the_servers_hint(
         assert await chat(client) == "after the wait"
     assert len(server.hits) == 2
     assert len(async_sleep.waits) == 1
-    assert low <= async_sleep.waits[0] <= high
+    # The backend cools down from the response; the wait is asked a little later.
+    assert low - 0.005 <= async_sleep.waits[0] <= high
 
 
 async def test_without_a_hint_cools_down_or_backs_off(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
@@ -84,7 +85,7 @@ async def test_without_a_hint_cools_down_or_backs_off(server: ScriptedServer, as
 
 
 async def test_gives_up_with_exactly_max_attempts_hits(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
-    server.play(throttle(retry_after_ms="10"))
+    server.play(throttle(retry_after_ms="1000"))
     async with azure(server, tower_aoai.AsyncTransport(sleep=async_sleep, max_attempts=4)) as client:
         assert client.max_retries == 2
         with pytest.raises(openai.RateLimitError) as raised:
@@ -105,7 +106,7 @@ async def test_blocked_is_returned_at_once(server: ScriptedServer, async_sleep: 
 
 async def test_streams_chunk_by_chunk(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
     gate = threading.Event()
-    server.play(throttle(retry_after_ms="20"), sse_stream(["a", "b", "c"], gate=gate))
+    server.play(throttle(retry_after_ms="200"), sse_stream(["a", "b", "c"], gate=gate))
     client = openai.AsyncOpenAI(
         base_url=server.url + "/v1",
         api_key=API_KEY,
@@ -144,7 +145,8 @@ async def test_connection_errors_are_retried_then_raised(async_sleep: AsyncFakeS
     async with httpx2.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx2.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/")
-    assert len(async_sleep.waits) == 1
+    # Full jitter: the drawn backoff may already have passed when the next attempt is asked.
+    assert len(async_sleep.waits) <= 1
 
 
 async def test_one_engine_shared_by_two_transports_shares_the_budget(
@@ -193,4 +195,4 @@ async def test_legacy_async_httpx_transport(server: ScriptedServer, async_sleep:
         response = await client.post(server.url + "/c", json={})
     assert response.json()["choices"][0]["message"]["content"] == "legacy async"
     assert len(server.hits) == 2
-    assert len(async_sleep.waits) == 1
+    assert len(async_sleep.waits) <= 1  # a full-jitter backoff may draw (almost) nothing
