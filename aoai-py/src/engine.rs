@@ -138,16 +138,9 @@ fn argument_name(field: &str) -> &str {
 /// A rejected configuration field as a Python `ValueError` naming the argument; a backend's field
 /// is named with its position (`backends[1].endpoint`).
 pub(crate) fn config_error(err: &ConfigError) -> PyErr {
-    let field = err.field();
-    let name = match (
-        field.strip_prefix("backends."),
-        err.reason().strip_prefix("backends["),
-    ) {
-        (Some(sub), Some(rest)) => match rest.split_once(']') {
-            Some((index, _)) => format!("backends[{index}].{sub}"),
-            None => field.to_owned(),
-        },
-        _ => argument_name(field).to_owned(),
+    let name = match err.index() {
+        Some(_) => err.path(),
+        None => argument_name(err.field()).to_owned(),
     };
     PyValueError::new_err(format!("invalid `{name}`: {}", err.reason()))
 }
