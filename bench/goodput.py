@@ -157,6 +157,9 @@ def figures(result: dict[str, Any], stats: dict[str, Any] | None, bound: dict[st
             {
                 "server_requests": hits,
                 "server_by_status": by_status,
+                "server_by_deployment": {
+                    d: sum(int(k) for k in statuses.values()) for d, statuses in stats.get("by_deployment", {}).items()
+                },
                 "throttled_429": by_status.get("429", 0),
                 "blocked_403": by_status.get("403", 0),
                 "per100_429": by_status.get("429", 0) * per100 if per100 else None,
