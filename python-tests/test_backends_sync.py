@@ -374,3 +374,19 @@ def test_settings_are_kept_and_shown() -> None:
         "Backend(\"a\", \"https://a.example\", deployment=None, region=None, api_key=<redacted>, "
         "tier=0, weight=1, rpm=600.0, tpm=None)"
     )
+
+
+def test_no_usable_backend_within_the_deadline_raises(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:
+    east.play(throttle(retry_after="100"))
+    west.play(throttle(retry_after="100"))
+    transport = tower_aoai.Transport(backends=two(east, west), sleep=sleep, deadline=5.0)
+    with azure(transport) as client:
+        with pytest.raises(openai.RateLimitError) as limited:
+            chat(client)  # both throttled for longer than the deadline: the last 429, final
+        assert limited.value.response.headers["x-should-retry"] == "false"
+        with pytest.raises(tower_aoai.NoBackendError):
+            chat(client)  # both still cooling down past this call's deadline: nothing is sent
+    assert (len(east.hits), len(west.hits)) == (1, 1)
+    assert sleep.waits == []
+    stats = transport.stats()["backends"]
+    assert all(stats[name]["gauges"]["cooldown_until"] is not None for name in ("east", "west"))
