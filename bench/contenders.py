@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -163,6 +164,11 @@ def litellm_router(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str,
     from litellm import Router
 
     litellm.suppress_debug_info = True
+    # The simulator streams the same token over and over; LiteLLM would take that for a looping
+    # model and fail the stream. Real answers do not repeat, so that check is switched off.
+    litellm.REPEATED_STREAMING_CHUNK_LIMIT = 1_000_000
+    logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
+    logging.getLogger("LiteLLM").setLevel(logging.CRITICAL)
     targets = spec["schedule"]["targets"]
     model_list = []
     for t in targets:
