@@ -54,6 +54,23 @@ pub struct Bound {
     pub makespan_s: f64,
     /// Which constraint set the makespan bound.
     pub limited_by: &'static str,
+    /// The oracle's schedule: every call, in arrival order, sent once at the earliest instant a
+    /// target admits it (request windows, token quota, regional capacity, outages known in
+    /// advance), served in its region's median time.
+    pub oracle: Oracle,
+}
+
+/// What the oracle client achieves (virtual seconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Oracle {
+    /// First arrival to last finish.
+    pub makespan_s: f64,
+    /// Median arrival-to-finish latency.
+    pub latency_p50_s: f64,
+    /// 99th percentile arrival-to-finish latency.
+    pub latency_p99_s: f64,
+    /// Calls no target could ever admit (none in the shipped scenarios).
+    pub unserved: usize,
 }
 
 impl Schedule {
@@ -129,6 +146,12 @@ impl Schedule {
                 "service_s": self.bound.service_s,
                 "makespan_s": self.bound.makespan_s,
                 "limited_by": self.bound.limited_by,
+                "oracle": {
+                    "makespan_s": self.bound.oracle.makespan_s,
+                    "latency_p50_s": self.bound.oracle.latency_p50_s,
+                    "latency_p99_s": self.bound.oracle.latency_p99_s,
+                    "unserved": self.bound.oracle.unserved,
+                },
             },
         })
     }
@@ -192,9 +215,244 @@ fn bound(scenario: &Scenario, targets: &[Target], arrivals: &[Arrival], body: &V
         (0.0, "arrivals"),
         |acc, x| if x.0 > acc.0 { x } else { acc },
     );
+    let oracle = oracle(scenario, targets, arrivals, tokens_per_call);
+    let (makespan_s, limited_by) = if oracle.makespan_s > makespan_s {
+        (oracle.makespan_s, "oracle schedule")
+    } else {
+        (makespan_s, limited_by)
+    };
     Bound {
         service_s,
         makespan_s,
         limited_by,
+        oracle,
+    }
+}
+
+/// One sliding-window limit: at most `limit` starts within any `width` seconds.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    width: f64,
+    limit: usize,
+}
+
+/// The earliest time at or after `t` when one more start fits under `limit`, given the `starts`
+/// so far (sorted).
+fn window_release(starts: &[f64], t: f64, l: Limit) -> f64 {
+    let inside: Vec<f64> = starts
+        .iter()
+        .copied()
+        .filter(|s| *s > t - l.width)
+        .collect();
+    if inside.len() < l.limit {
+        t
+    } else {
+        inside[inside.len() - l.limit] + l.width
+    }
+}
+
+/// Where the simulator's abuse detector would block a resource whose requests start at `seq`
+/// (sorted): the start of the offending burst, if any.
+fn abuse_violation(seq: &[f64], cfg: &aoai_sim::scenario::Abuse) -> Option<f64> {
+    let (mut last, mut burst, mut count): (Option<f64>, Option<f64>, u32) = (None, None, 0);
+    for &s in seq {
+        let idle = last.map_or(cfg.idle_at_start, |l| s - l >= cfg.idle_s);
+        if idle {
+            burst = Some(s);
+            count = 0;
+        }
+        last = Some(s);
+        if let Some(b) = burst {
+            if s - b <= cfg.burst_window_s {
+                count += 1;
+                if count > cfg.burst_requests {
+                    return Some(b);
+                }
+            } else {
+                burst = None;
+            }
+        }
+    }
+    None
+}
+
+fn oracle(scenario: &Scenario, targets: &[Target], arrivals: &[Arrival], tokens: f64) -> Oracle {
+    use aoai_sim::scenario::EventKind;
+    let output = scenario.response.output_tokens as f64;
+    let region_of = |name: &str| scenario.regions.iter().position(|r| r.name == name);
+    // The simulator's windows slide in steps of 1 % of their width: 0.99 keeps this a bound.
+    const SLACK: f64 = 0.99;
+    struct Lane {
+        region: usize,
+        resource: String,
+        limits: Vec<Limit>,
+        starts: Vec<f64>,
+    }
+    let mut lanes: Vec<Lane> = Vec::new();
+    for t in targets {
+        let (Some((r, d)), Some(region)) = (scenario.find_target(&t.name), region_of(&t.region))
+        else {
+            continue;
+        };
+        let dep = &scenario.resources[r].deployments[d];
+        let mut limits = Vec::new();
+        if dep.kind == DeploymentKind::Standard {
+            if let Some(rpm) = dep.requests_per_minute() {
+                let windows = if dep.rpm_windows_s.is_empty() {
+                    vec![60]
+                } else {
+                    dep.rpm_windows_s.clone()
+                };
+                for w in windows {
+                    let limit = (rpm * f64::from(w) / 60.0).floor().max(1.0) as usize;
+                    limits.push(Limit {
+                        width: f64::from(w) * SLACK,
+                        limit,
+                    });
+                }
+            }
+            if tokens > 0.0 && dep.tpm > 0 {
+                limits.push(Limit {
+                    width: 60.0 * SLACK,
+                    limit: ((dep.tpm as f64 / tokens).floor() as usize).max(1),
+                });
+            }
+        }
+        lanes.push(Lane {
+            region,
+            resource: t.resource.clone(),
+            limits,
+            starts: Vec::new(),
+        });
+    }
+    let service: Vec<f64> = scenario
+        .regions
+        .iter()
+        .map(|r| (r.latency.first_token_ms + r.latency.per_token_ms * output) / 1000.0)
+        .collect();
+    let abuse_cfg = |lane: &Lane| {
+        scenario
+            .resources
+            .iter()
+            .find(|r| r.name == lane.resource)
+            .and_then(|r| r.abuse)
+    };
+    // Starts per region, for the capacity limits.
+    let mut region_starts: Vec<Vec<f64>> = vec![Vec::new(); scenario.regions.len()];
+    let mut latencies = Vec::with_capacity(arrivals.len());
+    let mut last_finish: f64 = 0.0;
+    let mut unserved = 0;
+    let horizon = arrivals.last().map_or(0.0, |a| a.at.as_secs_f64()) + 86_400.0;
+    for a in arrivals {
+        let arrival = a.at.as_secs_f64();
+        let mut t = arrival;
+        let mut placed = None;
+        for _ in 0..100_000 {
+            if t > horizon {
+                break;
+            }
+            let mut next = f64::INFINITY;
+            for (k, lane) in lanes.iter().enumerate() {
+                let mut release = t;
+                // Outages (any mode) of its region or resource: no answer until the end.
+                for e in &scenario.events {
+                    let applies = e.region.as_deref()
+                        == Some(scenario.regions[lane.region].name.as_str())
+                        || e.resource.as_deref() == Some(lane.resource.as_str());
+                    if e.kind == EventKind::Outage && applies && e.start_s <= t && t < e.end_s {
+                        release = release.max(e.end_s);
+                    }
+                }
+                for l in &lane.limits {
+                    release = release.max(window_release(&lane.starts, t, *l));
+                }
+                // Regional capacity: always on, or during a high-demand event of the region.
+                let cap = &scenario.regions[lane.region].capacity;
+                let event = scenario.events.iter().find(|e| {
+                    e.kind == EventKind::HighDemand
+                        && e.region.as_deref() == Some(scenario.regions[lane.region].name.as_str())
+                        && e.start_s <= t
+                        && t < e.end_s
+                });
+                if cap.always || event.is_some() {
+                    let max_c = event
+                        .and_then(|e| e.max_concurrent)
+                        .unwrap_or(cap.max_concurrent);
+                    let max_s = event
+                        .and_then(|e| e.max_per_second)
+                        .unwrap_or(cap.max_per_second);
+                    let starts = &region_starts[lane.region];
+                    // Refused when `max_per_second` already arrived in the last second (the
+                    // newcomer counted or not: the looser reading keeps this a bound).
+                    release = release.max(window_release(
+                        starts,
+                        t,
+                        Limit {
+                            width: SLACK,
+                            limit: max_s as usize + 1,
+                        },
+                    ));
+                    let svc = service[lane.region];
+                    let mut busy: Vec<f64> = starts
+                        .iter()
+                        .map(|s| s + svc)
+                        .filter(|end| *end > t)
+                        .collect();
+                    if busy.len() >= max_c as usize {
+                        busy.sort_by(f64::total_cmp);
+                        release = release.max(busy[busy.len() - max_c as usize]);
+                    }
+                }
+                // After idle, no more than `burst_requests` in the burst window: replay the
+                // resource's starts with this one, as the detector would see them.
+                if let Some(cfg) = abuse_cfg(lane) {
+                    let mut seq: Vec<f64> = lanes
+                        .iter()
+                        .filter(|l| l.resource == lane.resource)
+                        .flat_map(|l| l.starts.iter().copied())
+                        .collect();
+                    seq.push(t);
+                    seq.sort_by(f64::total_cmp);
+                    if let Some(burst) = abuse_violation(&seq, &cfg) {
+                        let end = burst + cfg.burst_window_s + 1e-3;
+                        release = release.max(if end > t { end } else { t + cfg.burst_window_s });
+                    }
+                }
+                if release <= t {
+                    placed = Some(k);
+                    break;
+                }
+                next = next.min(release);
+            }
+            if placed.is_some() || !next.is_finite() {
+                break;
+            }
+            t = next;
+        }
+        let Some(k) = placed else {
+            unserved += 1;
+            continue;
+        };
+        let region = lanes[k].region;
+        lanes[k].starts.push(t);
+        region_starts[region].push(t);
+        let finish = t + service[region];
+        latencies.push(finish - arrival);
+        last_finish = last_finish.max(finish);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            latencies[((latencies.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    let first = arrivals.first().map_or(0.0, |a| a.at.as_secs_f64());
+    Oracle {
+        makespan_s: (last_finish - first).max(0.0),
+        latency_p50_s: pct(0.5),
+        latency_p99_s: pct(0.99),
+        unserved,
     }
 }
