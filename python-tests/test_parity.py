@@ -15,8 +15,9 @@ from tower_aoai._core import _run_retry_layer
 
 SETTINGS = dict(max_attempts=5, hint_jitter=0.0, backoff_base=0.2, backoff_cap=0.2, seed=5)
 # Rust waits are measured (response received -> next attempt sent); Python's are the requested
-# sleeps. Timer granularity and scheduling on a loaded machine stay well under this.
-TOLERANCE = 0.03
+# sleeps, counted from the response (the time the engine took to get to the next attempt is not
+# slept again). Timer granularity and scheduling on a loaded machine stay well under this.
+TOLERANCE = 0.05
 PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 BODY = b'{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}'
 
@@ -53,7 +54,7 @@ def assert_same(python: tuple[int, int, list[float], bytes, str | None], rust: t
     assert (py_status, py_hits, py_body, py_flag) == (rs_status, rs_hits, rs_body, rs_flag)
     assert len(py_waits) == len(rs_waits) == py_hits - 1
     for py_wait, rs_wait in zip(py_waits, rs_waits):
-        assert py_wait - 0.002 <= rs_wait <= py_wait + TOLERANCE, (py_waits, rs_waits)
+        assert abs(rs_wait - py_wait) <= TOLERANCE, (py_waits, rs_waits)
 
 
 def test_a_throttled_then_failing_then_successful_call_matches(server: ScriptedServer) -> None:
@@ -68,17 +69,17 @@ def test_a_throttled_then_failing_then_successful_call_matches(server: ScriptedS
     rust = through_rust(server, script)
     assert python[0] == 200 and python[1] == 5
     assert_same(python, rust)
-    # Without jitter every wait is the hint (less the microseconds the engine took to decide).
+    # Without jitter every wait is the hint, less the time from the response to the next decision.
     for wait, hint in zip(python[2], [0.1, 0.04, 0.08, 0.06]):
-        assert hint - 0.005 <= wait <= hint, python[2]
+        assert hint - TOLERANCE <= wait <= hint, python[2]
 
 
 def test_giving_up_matches(server: ScriptedServer) -> None:
-    script = [throttle(retry_after_ms="50")]
+    script = [throttle(retry_after_ms="150")]
     python = through_python(server, script)
     rust = through_rust(server, script)
     assert python[0] == 429 and python[1] == 5 and python[4] == "false"
-    assert all(0.045 <= w <= 0.05 for w in python[2]), python[2]
+    assert all(0.15 - TOLERANCE <= w <= 0.15 for w in python[2]), python[2]
     assert b"token rate limit" in python[3]
     assert_same(python, rust)
 

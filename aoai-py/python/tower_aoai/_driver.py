@@ -144,14 +144,26 @@ def _failure_error(failure: Failure) -> TowerAoaiError:
     return DeadlineExceededError(failure.message)
 
 
-def _rewrite(http: ModuleType, request: Any, attempt: Attempt) -> Any:
+#: Parsed backend URLs kept per transport (httpx's URL parser costs more than the whole Rust
+#: decision); a handful of deployments x API versions x backends in practice.
+_URL_CACHE_SIZE = 256
+
+
+def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt) -> Any:
     """The request as the attempt's backend needs it (host, deployment, model, auth)."""
     url, headers, body = attempt.rewrite(str(request.url), request.headers.raw, request.content)
+    target = urls.get(url)
+    if target is None:
+        if len(urls) >= _URL_CACHE_SIZE:
+            urls.clear()
+        target = urls[url] = http.URL(url)
+    # The original stream is a replayable ByteStream (the request was read); headers carry the
+    # rewritten host and, for a rewritten body, its length.
     return http.Request(
         request.method,
-        url,
+        target,
         headers=headers,
-        content=request.content if body is None else body,
+        stream=request.stream if body is None else http.ByteStream(body),
         extensions=request.extensions,
     )
 
@@ -203,6 +215,7 @@ class _Base:
     _inner: Any
     #: Attempts of this transport that ended (a queued call waits for this to move).
     _ends: int
+    _urls: dict[str, Any]
 
     @property
     def engine(self) -> Engine:
@@ -240,6 +253,7 @@ class SyncDriver(_Base):
         self._sleep = time.sleep if sleep is None else sleep
         self._ended = threading.Condition()
         self._ends = 0
+        self._urls = {}
 
     def handle_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
@@ -283,7 +297,7 @@ class SyncDriver(_Base):
 
     def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = _rewrite(self._http, request, attempt) if attempt.rewrites else request
+        sent = _rewrite(self._http, self._urls, request, attempt) if attempt.rewrites else request
         response = None
         try:
             response = self._inner.handle_request(sent)
@@ -359,6 +373,7 @@ class AsyncDriver(_Base):
         self._sleep = asyncio.sleep if sleep is None else sleep
         self._waiters = []
         self._ends = 0
+        self._urls = {}
 
     async def handle_async_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
@@ -419,7 +434,7 @@ class AsyncDriver(_Base):
 
     async def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = _rewrite(self._http, request, attempt) if attempt.rewrites else request
+        sent = _rewrite(self._http, self._urls, request, attempt) if attempt.rewrites else request
         response = None
         try:
             response = await self._inner.handle_async_request(sent)
