@@ -240,6 +240,8 @@ class SyncDriver(_Base):
 
     _sleep: Callable[[float], None]
     _ended: threading.Condition
+    #: Calls waiting on `_ended` now.
+    _queued: int
 
     def _setup(
         self,
@@ -253,6 +255,7 @@ class SyncDriver(_Base):
         self._sleep = time.sleep if sleep is None else sleep
         self._ended = threading.Condition()
         self._ends = 0
+        self._queued = 0
         self._urls = {}
 
     def handle_request(self, request: Any) -> Any:
@@ -288,8 +291,12 @@ class SyncDriver(_Base):
                 assert isinstance(value, float)
                 _log_wait(request, "queueing for a permit up to", value)
                 with self._ended:
-                    if self._ends == seen:
-                        self._ended.wait(value)
+                    self._queued += 1
+                    try:
+                        if self._ends == seen:
+                            self._ended.wait(value)
+                    finally:
+                        self._queued -= 1
             else:
                 assert isinstance(value, Failure)
                 logger.info("%s: %s", _where(request), value.message)
@@ -323,9 +330,12 @@ class SyncDriver(_Base):
             raise
 
     def _attempt_ended(self) -> None:
-        with self._ended:
-            self._ends += 1
-            self._ended.notify_all()
+        self._ends += 1
+        # A queued call counts itself before it compares `_ends`: either it sees the new count,
+        # or this sees it and wakes it. No lock when nobody queues (the fast path).
+        if self._queued:
+            with self._ended:
+                self._ended.notify_all()
 
     def _read_prefix(self, response: Any, call: Call) -> bytes:
         original = response.stream
