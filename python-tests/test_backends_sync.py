@@ -390,3 +390,18 @@ def test_no_usable_backend_within_the_deadline_raises(east: ScriptedServer, west
     assert sleep.waits == []
     stats = transport.stats()["backends"]
     assert all(stats[name]["gauges"]["cooldown_until"] is not None for name in ("east", "west"))
+
+
+def test_a_v1_body_gets_the_backends_deployment_as_model(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:
+    import json
+
+    east.play(throttle(retry_after_ms="5000"))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with httpx2.Client(transport=tower_aoai.Transport(backends=two(east, west), sleep=sleep)) as client:
+        response = client.post("https://sdk.example/openai/v1/chat/completions", content=body, headers={"api-key": SDK_KEY})
+    assert response.status_code == 200
+    sent = [json.loads(east.hits[0].body), json.loads(west.hits[0].body)]
+    assert [s["model"] for s in sent] == ["gpt-4o-east", "gpt-4o-west"]
+    assert all(s["messages"] == [{"role": "user", "content": "hi"}] for s in sent)
+    assert west.hits[0].headers["content-length"] == str(len(west.hits[0].body))
+    assert west.hits[0].path == "/openai/v1/chat/completions"
