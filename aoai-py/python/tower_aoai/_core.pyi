@@ -29,7 +29,15 @@ _Next = (
 
 @final
 class Backend:
-    """One deployment a transport may send to. ``repr()`` never shows the key or token."""
+    """One deployment a transport may send to. ``repr()`` never shows the key or token.
+
+    A request is rewritten for it: scheme, host and port, the endpoint's base path, the
+    ``/openai/deployments/{deployment}/`` segment, the ``model`` of a v1/responses body, and the
+    auth header: every auth header the request came with (the SDK's key) is removed and the
+    backend's own ``api_key`` (``api-key``) or ``token_provider()`` (``authorization: Bearer``) is
+    set, so a key only ever reaches its own backend. ``tier``: lower tiers are used first
+    (provisioned = 0); ``weight``: share within the tier; ``rpm``/``tpm``: known quotas for pacing.
+    """
 
     def __new__(
         cls,
