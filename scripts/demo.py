@@ -90,7 +90,7 @@ def main() -> int:
 
     def run(c: str) -> None:
         results[c] = gp.run_contender(
-            c, scenario_file, schedule, (args.duration, args.time_scale), sim_bin, bench_bin, None, 60.0
+            c, scenario_file, schedule, (args.duration, args.time_scale, ()), sim_bin, bench_bin, None, 60.0
         )
 
     threads = [threading.Thread(target=run, args=(c,)) for c in contenders]

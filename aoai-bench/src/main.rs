@@ -39,6 +39,9 @@ enum Command {
         /// Keep only the first this many virtual seconds of arrivals.
         #[arg(long)]
         duration: Option<f64>,
+        /// Send to these `resource/deployment` targets instead of the workload's (in order).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
     },
     /// Run a scenario's workload through the full Rust stack against a running simulator.
     Goodput {
@@ -54,6 +57,9 @@ enum Command {
         /// Keep only the first this many virtual seconds of arrivals.
         #[arg(long)]
         duration: Option<f64>,
+        /// Send to these `resource/deployment` targets instead of the workload's (in order).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
         /// The longest one call may take, in real seconds.
         #[arg(long, default_value_t = 300.0)]
         call_timeout: f64,
@@ -81,9 +87,9 @@ enum Command {
     ServeZero,
 }
 
-fn load(path: &PathBuf, duration: Option<f64>) -> Result<Schedule, String> {
+fn load(path: &PathBuf, duration: Option<f64>, targets: &[String]) -> Result<Schedule, String> {
     let scenario = Scenario::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Schedule::from_scenario(&scenario, duration)
+    Schedule::from_scenario(&scenario, duration, targets)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -106,8 +112,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Schedule { scenario, duration } => {
-            let schedule = load(&scenario, duration)?;
+        Command::Schedule {
+            scenario,
+            duration,
+            targets,
+        } => {
+            let schedule = load(&scenario, duration, &targets)?;
             println!("{}", schedule.to_json());
         }
         Command::Goodput {
@@ -115,6 +125,7 @@ fn run(cli: Cli) -> Result<(), String> {
             server,
             time_scale,
             duration,
+            targets,
             call_timeout,
             seed,
         } => {
@@ -126,7 +137,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     "--call-timeout must be in (0, 86400), got {call_timeout}"
                 ));
             }
-            let schedule = load(&scenario, duration)?;
+            let schedule = load(&scenario, duration, &targets)?;
             let options = goodput::Options {
                 server,
                 time_scale,

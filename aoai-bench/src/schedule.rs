@@ -74,12 +74,20 @@ pub struct Oracle {
 }
 
 impl Schedule {
-    /// Reads the scenario's workload. Errors name what is missing.
-    pub fn from_scenario(scenario: &Scenario, duration_s: Option<f64>) -> Result<Self, String> {
+    /// Reads the scenario's workload (its targets replaced by `targets` when not empty). Errors
+    /// name what is missing.
+    pub fn from_scenario(
+        scenario: &Scenario,
+        duration_s: Option<f64>,
+        targets: &[String],
+    ) -> Result<Self, String> {
         let mut workload = scenario
             .workload
             .clone()
             .ok_or_else(|| format!("scenario {} has no [workload]", scenario.name))?;
+        if !targets.is_empty() {
+            workload.targets = targets.to_vec();
+        }
         if let Some(d) = duration_s {
             if !(d.is_finite() && d > 0.0) {
                 return Err(format!("--duration must be positive, got {d}"));
