@@ -49,6 +49,7 @@
 //! ```
 
 mod clients;
+mod engine_client;
 mod report;
 pub mod workload;
 
@@ -65,6 +66,7 @@ use crate::model::{Model, Operation, SimRequest, SimResponse};
 use crate::scenario::{Scenario, ScenarioError};
 
 pub use clients::{NaiveClient, Outbox, RetryClient};
+pub use engine_client::EngineClient;
 pub use report::Report;
 
 /// Identifies a call (one user request, however many attempts it takes).
