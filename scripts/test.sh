@@ -12,11 +12,11 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+step "cargo clippy --all-targets --all-features -D warnings"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-step "cargo test --workspace (unit, layer, property and doc tests)"
-cargo test --workspace
+step "cargo test --workspace --all-features (unit, layer, property, simulator and doc tests)"
+cargo test --workspace --all-features
 
 step "python environment and pip install ."
 bash scripts/setup.sh
