@@ -43,6 +43,9 @@ use tower_aoai::policy::{
     Action, AdaptiveLimit, CallState, Pacer, Permit, RetryBudget, RetryPolicy, TokenEstimator,
 };
 
+/// Builds a fresh client for one run.
+type MakeClient = Box<dyn FnMut() -> Box<dyn Client>>;
+
 const FIXED_N: u32 = 16;
 const QUEUE_CAPACITY: usize = 512;
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -132,7 +135,7 @@ fn main() {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for scenario in &scenarios {
         let capacity = CapacityModel::new(scenario);
-        let rows: [(&str, Box<dyn FnMut() -> Box<dyn Client>>); 4] = [
+        let rows: [(&str, MakeClient); 4] = [
             ("sdk", Box::new(|| Box::new(NaiveClient::new(1)))),
             ("none", Box::new(|| Box::new(RetryClient::new(1)))),
             (
@@ -325,7 +328,22 @@ impl CapacityModel {
             let mut rps = f64::INFINITY;
             match deployment.kind {
                 DeploymentKind::Provisioned => {
-                    rps = rps.min(deployment.tpm as f64 / 60.0 / estimate)
+                    // What the PTU admits, plus what spills over to its standard deployment.
+                    let spill = deployment
+                        .spillover_to
+                        .as_ref()
+                        .and_then(|to| resource.deployments.iter().find(|d| &d.name == to))
+                        .map_or(0.0, |d| {
+                            let mut s = d.tpm as f64 / 60.0 / estimate;
+                            if let Some(rpm) = d.requests_per_minute() {
+                                for w in &d.rpm_windows_s {
+                                    let per_window = (rpm * f64::from(*w) / 60.0).floor().max(1.0);
+                                    s = s.min(per_window / f64::from(*w));
+                                }
+                            }
+                            s
+                        });
+                    rps = rps.min(deployment.tpm as f64 / 60.0 / estimate + spill);
                 }
                 DeploymentKind::Standard => {
                     if let Some(rpm) = deployment.requests_per_minute() {
@@ -365,7 +383,8 @@ impl CapacityModel {
         for i in 0..n {
             let t = STEP * i as u32;
             let (rps, reject) = at(t);
-            if rps < previous * 0.8 && i > 0 && drop_start.is_none() {
+            // An outage (no capacity at all) is not a drop a limiter can converge to.
+            if rps < previous * 0.8 && rps > 0.0 && i > 0 && drop_start.is_none() {
                 drop_start = Some((t, reject));
             }
             if let Some((start, share)) = drop_start
@@ -464,8 +483,14 @@ struct LimitedClient {
 }
 
 enum Limiter {
-    Fixed { limit: u32, in_flight: u32 },
-    Adaptive { limit: AdaptiveLimit, pacer: Pacer },
+    Fixed {
+        limit: u32,
+        in_flight: u32,
+    },
+    Adaptive {
+        limit: Box<AdaptiveLimit>,
+        pacer: Box<Pacer>,
+    },
 }
 
 impl LimitedClient {
@@ -496,8 +521,8 @@ impl LimitedClient {
 
     fn adaptive() -> Self {
         Self::new(Limiter::Adaptive {
-            limit: AdaptiveLimit::default(),
-            pacer: Pacer::default(),
+            limit: Box::default(),
+            pacer: Box::default(),
         })
     }
 
@@ -549,9 +574,7 @@ impl LimitedClient {
                     if !wait.is_zero() {
                         return Some(now + wait);
                     }
-                    let Some(permit) = limit.try_acquire(at, tokens) else {
-                        return None;
-                    };
+                    let permit = limit.try_acquire(at, tokens)?;
                     pacer
                         .check(at, tokens)
                         .expect("a zero wait admits the send");
@@ -599,10 +622,9 @@ impl Client for LimitedClient {
                     pacer.on_response_to(at, self.epoch + done.sent_at, &answer.headers);
                 }
                 if outcome.is_throttle()
-                    && let Some(hint) = class.hint
+                    && let Some(until) = pacer.on_throttle(at, outcome, class.hint.map(|h| h.delay))
                 {
-                    pacer.hold(at, hint.delay);
-                    limit.on_server_hold(at + hint.delay.min(pacer.config().max_hold()));
+                    limit.on_server_hold(until);
                 }
             }
         }

@@ -120,6 +120,12 @@ proptest! {
                             prop_assert!(permit_epoch < epoch_before);
                             prop_assert_eq!(l.window(), window_before);
                         }
+                        Adjustment::Tolerated => {
+                            prop_assert!(outcome.is_throttle());
+                            prop_assert_eq!(permit_epoch, epoch_before);
+                            prop_assert_eq!(l.window(), window_before);
+                            prop_assert_eq!(l.epoch(), epoch_before);
+                        }
                         Adjustment::Grew { from, to } => {
                             prop_assert_eq!(outcome, Outcome::Success);
                             prop_assert!(to > from);
@@ -133,7 +139,10 @@ proptest! {
                         _ => prop_assert!(false, "unknown adjustment"),
                     }
                     if outcome.is_throttle() {
-                        let answered = matches!(adj, Adjustment::Cut { .. } | Adjustment::SameEpisode);
+                        let answered = matches!(
+                            adj,
+                            Adjustment::Cut { .. } | Adjustment::SameEpisode | Adjustment::Tolerated
+                        );
                         prop_assert!(answered, "a throttle neither cut nor was matched to its episode");
                     }
                 }
@@ -191,7 +200,7 @@ proptest! {
         }
         let idle = Duration::from_millis(idle_ms);
         if idle >= period {
-            prop_assert!(burst <= (before / 2).max(initial), "burst {burst} after idle, limit was {before}");
+            prop_assert!(burst <= ((f64::from(before) / 2.0).round() as u32).max(initial), "burst {burst} after idle, limit was {before}");
         } else {
             prop_assert_eq!(burst, before);
         }

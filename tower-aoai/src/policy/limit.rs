@@ -11,43 +11,59 @@
 //!
 //! - **Slow start** until the first throttle: every successful attempt made while the window was
 //!   in use (at least `utilisation` of the limit in flight at some point during the attempt) adds
-//!   one, so the limit doubles per round trip, as TCP's window does.
-//! - **Multiplicative cut, once per episode**: a throttle ([`Outcome::is_throttle`]: a 429 of any
-//!   cause, a 503 "overloaded") multiplies the limit by `decrease`. Each permit records the cut
-//!   epoch it was issued in; a throttle on a permit issued *before* the latest cut belongs to the
-//!   episode that cut already answered and does not cut again. So a burst of twenty 429s that all
-//!   left before the cut costs one cut, not twenty.
-//! - **Concave recovery, then gentle probing** (BIC/CUBIC's shape): below the level where the last
-//!   throttle struck, the limit closes half the gap per round trip (at least `probe_step`, at most
-//!   `max_step`), so it is back near the old level within a few round trips and then lingers there;
-//!   above it, the limit grows by one per round trip, the additive increase of AIMD. Growth only
-//!   happens at high utilisation: an unused window is never inflated.
+//!   one, so the limit doubles per round trip, as TCP's window does. An unused window never grows.
+//! - **One cut per episode**: a throttle ([`Outcome::is_throttle`]: a 429 of any cause, a 503
+//!   "overloaded") cuts the limit. Each permit records the cut epoch it was issued in; a throttle
+//!   on a permit issued *before* the latest cut belongs to the episode that cut already answered
+//!   and does not cut again. A burst of twenty 429s that all left before the cut costs one cut.
+//! - **How much**: a *failed probe* (the throttle struck at the level where the last one struck,
+//!   after a full round trip of this epoch's attempts succeeded) steps back one slot, to the level
+//!   that held; anything else (the first throttle, a throttle below the old level, throttles in a
+//!   row) is a drop in capacity and multiplies the limit by `decrease`.
+//! - **Stray throttles**: peak-load 429s hit a share of requests at random, whatever the load. A
+//!   throttle on an attempt sent at a load that has held for a round trip is
+//!   [tolerated](Adjustment::Tolerated) while such throttles stay rare (under a quarter, smoothed);
+//!   a real drop throttles in a row and is cut on within about three.
+//! - **Recovery, plateau, probing** (BIC/CUBIC's shape): the level to hold is one slot below
+//!   where the last throttle struck. Below it the limit closes half the gap per round trip (at
+//!   least `probe_step`); across that slot it lingers, crossing it in `probe_interval` successes
+//!   (or `max_plateau` round trips if sooner), so a probe, one throttled attempt, comes about once
+//!   per `probe_interval` successes; past it, the growth per round trip grows with the distance
+//!   (BIC's max probing), so capacity that came back is found in a few round trips.
 //! - **Idle decay** (TCP after idle, RFC 2861): when nothing has been in flight for an idle period
 //!   (`max(idle_floor, srtt + 4 rttvar)`, at most `idle_ceiling`), the limit halves per idle period
 //!   down to `initial`, and the slow-start threshold remembers 3/4 of the level before the idle
-//!   time. The climb back doubles per round trip up to that threshold, then probes gently: fast,
-//!   but never the burst that gets a resource "temporarily blocked".
+//!   time. The climb back doubles per round trip up to that threshold, then probes: fast, but
+//!   never the burst that gets a resource "temporarily blocked".
+//!
+//! The limit is the window *rounded* (a window of 2.8 after a cut from 4 allows 3, not 2).
 //!
 //! # Defaults, against the anchors
 //!
 //! | setting | default | why |
 //! |---|---|---|
 //! | `initial` | 4 | TCP starts at 10 segments, Vector at 1, Netflix at 20. LLM calls are long (seconds); 4 in flight is a polite first contact and slow start reaches 64 in four round trips. |
-//! | `min` / `max` | 1 / 256 | Never starve a backend; 256 bounds memory and what a runaway climb could send. |
-//! | `decrease` | 0.7 | AWS's CUBIC limiter and TCP CUBIC use 0.7. Netflix and Vector use 0.9 because they cut on *every* throttle, so a burst of 429s compounds (0.9^10 = 0.35); with one cut per episode a single deeper cut ends the episode in one round trip, and the concave recovery wins the throughput back. inspect_ai uses 0.8 and then stops growing for max(15 s, Retry-After). |
+//! | `min` / `max` | 1 / 256 | Never starve a backend; 256 bounds what a runaway climb could send. |
+//! | `decrease` | 0.7 | AWS's CUBIC limiter and TCP CUBIC use 0.7. Netflix and Vector use 0.9 because they cut on *every* throttle, so a burst of 429s compounds (0.9^10 = 0.35); with one cut per episode a single deeper cut ends a real drop in one round trip, and failed probes, the common case at steady state, step back one slot instead. inspect_ai uses 0.8 and then freezes growth for max(15 s, Retry-After). |
 //! | `utilisation` | 0.8 | inspect_ai grows at >= 80 % utilisation; Netflix at >= 50 %, which inflates a window the client does not use. |
-//! | `probe_step` / `max_step` | 0.25 / 8 per round trip | Near the last throttle level the limit probes one slot per four round trips, so episodes are rare (<= 1 throttled attempt per 100 successes at steady state); far below it recovery is quick. |
+//! | `probe_step` / `max_step` | 0.5 / 8 per round trip | Recovery toward the held level is quick, growth past it bounded. |
+//! | `probe_interval` / `max_plateau` | 100 successes / 8 round trips | One probe (one throttled attempt) per 100 successes at steady state: the "<= 1 throttle per 100 successes" aim, by construction. Vector and Netflix probe every round trip (+1), so a window of 12 is throttled every ~12 successes. |
 //! | `idle_floor` / `idle_ceiling` | 5 s / 60 s | RFC 6298's RTO is at least 1 s and at most 60 s; LLM calls take seconds, so an idle period is at least 5 s. |
 //! | `idle_memory` | 0.75 | Linux `tcp_slow_start_after_idle`: ssthresh = max(ssthresh, 3/4 cwnd). |
 //!
 //! None of the anchors decays after idle (inspect_ai, Vector and Netflix keep their limit forever,
-//! and so send their full old window at once after hours of silence), and none of them cuts once
-//! per episode except inspect_ai, whose cooldown also freezes growth when the throttle was brief.
+//! and so send their full old window at once after hours of silence), and only inspect_ai cuts
+//! once per episode. Measured on the simulator's scenarios: `tower-aoai/LIMITER.md`.
 
 use std::time::{Duration, Instant};
 
 use super::ConfigError;
 use super::classify::Outcome;
+
+/// The weight of each attempt sent at a held load in the smoothed stray-throttle rate.
+const STRAY_WEIGHT: f64 = 0.1;
+/// Above this smoothed share of throttles at a held load, they are no longer strays.
+const STRAY_TOLERANCE: f64 = 0.25;
 
 /// The settings of an [`AdaptiveLimit`]. See the [module docs](self) for what each one does and
 /// why its default is what it is.
@@ -60,6 +76,8 @@ pub struct LimitConfig {
     utilisation: f64,
     probe_step: f64,
     max_step: f64,
+    probe_interval: u32,
+    max_plateau: u32,
     idle_floor: Duration,
     idle_ceiling: Duration,
     idle_memory: f64,
@@ -73,8 +91,10 @@ impl Default for LimitConfig {
             max: 256,
             decrease: 0.7,
             utilisation: 0.8,
-            probe_step: 0.25,
+            probe_step: 0.5,
             max_step: 8.0,
+            probe_interval: 100,
+            max_plateau: 8,
             idle_floor: Duration::from_secs(5),
             idle_ceiling: Duration::from_secs(60),
             idle_memory: 0.75,
@@ -124,6 +144,14 @@ impl LimitConfig {
     pub fn with_steps(mut self, probe_step: f64, max_step: f64) -> Self {
         self.probe_step = probe_step;
         self.max_step = max_step;
+        self
+    }
+
+    /// How rarely the limit probes above the level that held: one slot is crossed in
+    /// `successes` successful attempts, or `max_round_trips` round trips if that is sooner.
+    pub fn with_probe_interval(mut self, successes: u32, max_round_trips: u32) -> Self {
+        self.probe_interval = successes;
+        self.max_plateau = max_round_trips;
         self
     }
 
@@ -209,6 +237,15 @@ impl LimitConfig {
                 ),
             ));
         }
+        if self.probe_interval == 0 {
+            return Err(ConfigError::new(
+                "limit.probe_interval",
+                "must be at least 1",
+            ));
+        }
+        if self.max_plateau == 0 {
+            return Err(ConfigError::new("limit.max_plateau", "must be at least 1"));
+        }
         if self.idle_floor.is_zero() {
             return Err(ConfigError::new(
                 "limit.idle_floor",
@@ -246,6 +283,7 @@ pub struct Permit {
     tokens: u64,
     saturation: u64,
     issued_saturated: bool,
+    load: u32,
 }
 
 impl Permit {
@@ -295,6 +333,9 @@ pub enum Adjustment {
     },
     /// A throttle on an attempt sent before the latest cut: the episode was already answered.
     SameEpisode,
+    /// A stray throttle: the attempt was sent at a load that has held for a round trip, and such
+    /// throttles are rare (peak-load 429s that hit at random). Counted, not cut on.
+    Tolerated,
 }
 
 /// The adaptive concurrency limit of one backend. See the [module docs](self).
@@ -307,6 +348,10 @@ pub struct AdaptiveLimit {
     ssthresh: f64,
     /// The window when the last throttle struck (the level recovery heads for).
     last_max: Option<f64>,
+    /// Successful attempts issued since the latest cut.
+    epoch_successes: u32,
+    /// Share of throttles among attempts sent at a load that had held (smoothed).
+    stray_rate: f64,
     in_flight: u32,
     tokens_in_flight: u64,
     epoch: u64,
@@ -333,6 +378,8 @@ impl AdaptiveLimit {
             window: f64::from(config.initial),
             ssthresh: f64::INFINITY,
             last_max: None,
+            epoch_successes: 0,
+            stray_rate: 0.0,
             in_flight: 0,
             tokens_in_flight: 0,
             epoch: 0,
@@ -426,21 +473,45 @@ impl AdaptiveLimit {
             tokens,
             saturation: self.saturation,
             issued_saturated,
+            load: self.in_flight,
         })
     }
 
     /// Returns a permit with its attempt's outcome, and adapts the limit.
     pub fn on_outcome(&mut self, permit: Permit, outcome: Outcome, now: Instant) -> Adjustment {
         let utilised = self.was_utilised(&permit);
+        // The load that held: one slot below where the last throttle struck.
+        let held = self
+            .last_max
+            .map(|struck| (struck.round() - 1.0).max(f64::from(self.config.min)));
+        let at_held_load = held.is_some_and(|h| f64::from(permit.load) <= h);
+        if at_held_load && (outcome.is_throttle() || outcome == Outcome::Success) {
+            let throttled = if outcome.is_throttle() { 1.0 } else { 0.0 };
+            self.stray_rate = self.stray_rate * (1.0 - STRAY_WEIGHT) + throttled * STRAY_WEIGHT;
+        }
         self.release(&permit, now);
         if outcome.is_throttle() {
             if permit.epoch < self.epoch {
                 return Adjustment::SameEpisode;
             }
+            // Regional peak-load throttling rejects a share of requests at random, whatever the
+            // load. Cutting on each such 429 would take the limit to its minimum while capacity
+            // is there; a throttle at a load that has held for a round trip is ignored while
+            // they stay rare. A real drop in capacity throttles in a row and is cut on within
+            // about three throttles.
+            if at_held_load
+                && self.epoch_successes >= self.limit()
+                && self.stray_rate < STRAY_TOLERANCE
+            {
+                return Adjustment::Tolerated;
+            }
             return self.cut();
         }
         if outcome != Outcome::Success {
             return Adjustment::Unchanged;
+        }
+        if permit.epoch == self.epoch {
+            self.epoch_successes = self.epoch_successes.saturating_add(1);
         }
         self.sample_rtt(now.saturating_duration_since(permit.sent_at));
         if !utilised {
@@ -463,8 +534,9 @@ impl AdaptiveLimit {
     }
 
     fn whole(&self, window: f64) -> u32 {
-        // The window always lies in [min, max]; the clamp only guards the conversion.
-        (window.floor() as u32).clamp(self.config.min, self.config.max)
+        // Rounded, not floored: at a window of 2.8 (a cut from 4) flooring would lose a third of
+        // the capacity. The window lies in [min, max]; the clamp only guards the conversion.
+        (window.round() as u32).clamp(self.config.min, self.config.max)
     }
 
     /// The in-flight count that means "the window is in use".
@@ -495,18 +567,31 @@ impl AdaptiveLimit {
 
     fn cut(&mut self) -> Adjustment {
         let from = self.window;
-        // CUBIC's fast convergence: a throttle below the previous level means capacity shrank,
-        // so aim recovery lower than where it struck.
-        let target = match self.last_max {
-            Some(previous) if from < previous => from * (1.0 + self.config.decrease) / 2.0,
-            _ => from,
-        };
-        self.last_max = Some(target);
-        let to = (from * self.config.decrease)
-            .clamp(f64::from(self.config.min), f64::from(self.config.max));
+        let min = f64::from(self.config.min);
+        // A failed probe: the throttle struck at the level where the last one struck, after a
+        // full round trip of this epoch's attempts succeeded below it. Capacity has not moved; the
+        // answer is one slot back, to the level that held, not a multiplicative cut and several
+        // round trips below capacity. Anything else
+        // (the first throttle, a throttle below the old level, or throttles in a row) is a drop
+        // in capacity and gets the multiplicative cut.
+        let failed_probe = self.last_max.is_some_and(|struck| from >= struck - 1.0)
+            && self.epoch_successes >= self.limit();
+        let to = if failed_probe {
+            // One slot below the limit that overloaded, at the bottom of that slot's band so the
+            // plateau lasts a whole slot.
+            (from.round() - 1.49).max(min)
+        } else {
+            from * self.config.decrease
+        }
+        .clamp(min, f64::from(self.config.max));
+        // (CUBIC's "fast convergence", aiming lower when a throttle strikes below the previous
+        // level, is left out: it exists to make room for competing flows, and here it fires on
+        // noise, a throttle at 12.5 after one at 13, and parks the limit a fifth below capacity.)
+        self.last_max = Some(from);
         self.window = to;
         self.ssthresh = to;
         self.epoch += 1;
+        self.epoch_successes = 0;
         Adjustment::Cut { from, to }
     }
 
@@ -520,16 +605,27 @@ impl AdaptiveLimit {
             // Slow start: one per success is a doubling per round trip; never past ssthresh.
             (self.ssthresh - from).min(1.0)
         } else {
-            // Congestion avoidance: the growth per round trip, shared among a window of successes.
-            let per_round_trip = match self.last_max {
-                Some(target) if from < target => {
-                    ((target - from) / 2.0).clamp(self.config.probe_step, self.config.max_step)
-                }
-                Some(target) if from < target + 1.0 => self.config.probe_step,
-                _ => 1.0,
+            // Congestion avoidance. The level to hold is one slot below where the last throttle
+            // struck (after idle, the remembered level). Below it, close half the gap per round
+            // trip (at least `probe_step`), a growth per round trip shared among a window of
+            // successes. Across that slot, the plateau, where throughput is highest and nothing is
+            // throttled: cross it in `probe_interval` successes, or `max_plateau` round trips if
+            // that is sooner, so a probe (one throttle) comes at most once per `probe_interval`
+            // successes. Past it, probe at a pace that grows with the distance (BIC's max
+            // probing), so capacity that came back is found in a few round trips.
+            let target = self.last_max.map_or(self.ssthresh, |struck| {
+                (struck - 1.0).max(f64::from(self.config.min))
+            });
+            let per_success = if from < target {
+                ((target - from) / 2.0).clamp(self.config.probe_step, self.config.max_step) / from
+            } else if from < target + 1.0 {
+                (1.0 / f64::from(self.config.probe_interval))
+                    .max(1.0 / (f64::from(self.config.max_plateau) * from))
+            } else {
+                (from - target).clamp(1.0, self.config.max_step) / from
             };
             // Never faster than slow start: at most one per success.
-            (per_round_trip / from).min(1.0)
+            per_success.min(1.0)
         };
         let to = (from + step).min(max);
         self.window = to;
@@ -668,30 +764,107 @@ mod tests {
         assert_eq!(l.limit(), 2);
     }
 
-    #[test]
-    fn recovery_is_quick_then_probes_gently() {
-        let mut l = limit(4);
-        let t0 = Instant::now();
-        let rtt = Duration::from_secs(1);
-        let mut t = t0;
-        // Slow start up to 32, then a throttle.
+    /// Slow start to 32, then one throttle: the multiplicative cut.
+    fn after_first_cut(l: &mut AdaptiveLimit, t: &mut Instant, rtt: Duration) {
         while l.limit() < 32 {
-            round(&mut l, t, t + rtt, Outcome::Success);
-            t += rtt;
+            round(l, *t, *t + rtt, Outcome::Success);
+            *t += rtt;
         }
-        let p = l.try_acquire(t, 1).unwrap();
-        let _ = l.on_outcome(p, THROTTLE, t);
+        let p = l.try_acquire(*t, 1).unwrap();
+        assert!(matches!(
+            l.on_outcome(p, THROTTLE, *t),
+            Adjustment::Cut { from: 32.0, .. }
+        ));
         assert_eq!(l.limit(), 22);
+    }
+
+    #[test]
+    fn recovery_is_quick_then_holds_then_probes_faster_and_faster() {
+        let mut l = limit(4);
+        let mut t = Instant::now();
+        let rtt = Duration::from_secs(1);
+        after_first_cut(&mut l, &mut t, rtt);
         let mut history = Vec::new();
         for _ in 0..12 {
             round(&mut l, t, t + rtt, Outcome::Success);
             t += rtt;
             history.push(l.window());
         }
-        // Within 4 round trips it is back above 30 (of 32) ...
-        assert!(history[3] > 30.0, "{history:?}");
-        // ... and it has not probed far past the old level after 12.
-        assert!(history[11] < 34.0, "{history:?}");
+        // Within 4 round trips it is back above 29 (of 31, one slot below where it struck) ...
+        assert!(history[3] > 29.0, "{history:?}");
+        // ... it holds at 31 or below for a while (the plateau) ...
+        assert!(
+            history[4..8].iter().all(|w| w.round() <= 31.0),
+            "{history:?}"
+        );
+        // ... and, with no throttle, probes upward faster and faster.
+        assert!(
+            history[11] - history[10] > history[10] - history[9],
+            "{history:?}"
+        );
+        assert!(history[11] > 36.0, "{history:?}");
+    }
+
+    /// Rounds of successes until the limit reaches `level`.
+    fn climb_to(l: &mut AdaptiveLimit, t: &mut Instant, rtt: Duration, level: u32) {
+        for _ in 0..100 {
+            if l.limit() >= level {
+                return;
+            }
+            round(l, *t, *t + rtt, Outcome::Success);
+            *t += rtt;
+        }
+        panic!("never reached {level}: {}", l.window());
+    }
+
+    #[test]
+    fn a_failed_probe_steps_back_one_slot_not_a_multiplicative_cut() {
+        let mut l = limit(4);
+        let mut t = Instant::now();
+        let rtt = Duration::from_secs(1);
+        after_first_cut(&mut l, &mut t, rtt);
+        // The probe: the limit reaches 32 again, where the last throttle struck.
+        climb_to(&mut l, &mut t, rtt, 32);
+        let permits: Vec<_> = (0..32).map(|_| l.try_acquire(t, 1).unwrap()).collect();
+        let mut cut = None;
+        for (i, p) in permits.into_iter().enumerate() {
+            let outcome = if i == 31 { THROTTLE } else { Outcome::Success };
+            if let Adjustment::Cut { to, .. } = l.on_outcome(p, outcome, t + rtt) {
+                cut = Some(to);
+            }
+        }
+        let to = cut.expect("the probe's throttle cuts");
+        assert_eq!(to.round(), 31.0, "{to}");
+        assert_eq!(l.limit(), 31);
+    }
+
+    #[test]
+    fn stray_throttles_at_a_held_load_are_tolerated_until_they_are_not_rare() {
+        let mut l = limit(4);
+        let mut t = Instant::now();
+        let rtt = Duration::from_secs(1);
+        after_first_cut(&mut l, &mut t, rtt);
+        climb_to(&mut l, &mut t, rtt, 30);
+        let epoch = l.epoch();
+        // A round trip at 30 held; one throttle at that load is a stray.
+        let p = l.try_acquire(t, 1).unwrap();
+        assert_eq!(l.on_outcome(p, THROTTLE, t), Adjustment::Tolerated);
+        assert_eq!(l.epoch(), epoch);
+        // Throttles in a row are a drop in capacity: cut within a few.
+        let mut tolerated = 0;
+        loop {
+            let p = l.try_acquire(t, 1).unwrap();
+            match l.on_outcome(p, THROTTLE, t) {
+                Adjustment::Tolerated => tolerated += 1,
+                Adjustment::Cut { from, to } => {
+                    assert!(to <= from * 0.7 + 1e-9, "{from} -> {to}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(tolerated <= 2, "{tolerated} throttles in a row tolerated");
+        assert_eq!(l.epoch(), epoch + 1);
     }
 
     #[test]
@@ -786,6 +959,14 @@ mod tests {
         assert_eq!(
             field(LimitConfig::new().with_idle_period(Duration::ZERO, Duration::ZERO)),
             "limit.idle_floor"
+        );
+        assert_eq!(
+            field(LimitConfig::new().with_probe_interval(0, 8)),
+            "limit.probe_interval"
+        );
+        assert_eq!(
+            field(LimitConfig::new().with_probe_interval(100, 0)),
+            "limit.max_plateau"
         );
         assert_eq!(
             field(LimitConfig::new().with_idle_memory(-0.1)),
