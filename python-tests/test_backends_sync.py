@@ -302,6 +302,8 @@ def test_counters_match_a_scripted_sequence(server: ScriptedServer, sleep: FakeS
     assert gauges["breaker"] == "blocked"
     assert gauges["breaker_until"] > b["last_throttle_at"] + 3000  # blocked for an hour
     assert [r["apim_request_id"] for r in stats["blocks"]] == ["abc-123"]
+    # A passthrough engine has no endpoint of its own: the record names the request's host.
+    assert stats["blocks"][0]["resource"] == server.url.removeprefix("http://")
 
 
 def test_diagnose_names_capacity_in_one_region(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:

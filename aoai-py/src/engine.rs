@@ -305,13 +305,17 @@ impl Engine {
     }
 
     /// Opens a call: one user request, however many attempts it takes. `body` is the request
-    /// body, for the token estimate that pacing charges.
-    #[pyo3(signature = (body = None))]
-    fn start(&self, body: Option<&[u8]>) -> Call {
+    /// body, for the token estimate that pacing charges; `origin` the `host[:port]` it goes to,
+    /// named in a passthrough engine's 403 support record.
+    #[pyo3(signature = (body = None, origin = None))]
+    fn start(&self, body: Option<&[u8]>, origin: Option<String>) -> Call {
         let mut core = lock(&self.shared.core);
         let (now, _) = core.now();
-        let call = core.engine.start(now, body.unwrap_or_default(), None);
+        let mut call = core.engine.start(now, body.unwrap_or_default(), None);
         drop(core);
+        if let Some(origin) = origin {
+            call.set_origin(origin);
+        }
         Call {
             shared: self.shared.clone(),
             state: Arc::new(Mutex::new(CallState {

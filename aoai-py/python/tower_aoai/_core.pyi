@@ -101,8 +101,9 @@ class Engine:
         prompt_share: float | None = None,
         default_completion_tokens: int | None = None,
     ) -> Engine: ...
-    def start(self, body: bytes | None = None) -> Call:
-        """Opens a call: one user request, however many attempts it takes."""
+    def start(self, body: bytes | None = None, origin: str | None = None) -> Call:
+        """Opens a call: one user request, however many attempts it takes. ``body`` feeds the
+        token estimate; ``origin`` (``host[:port]``) names a passthrough engine's 403 record."""
     @property
     def passthrough(self) -> bool: ...
     @property

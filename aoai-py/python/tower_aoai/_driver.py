@@ -133,6 +133,12 @@ def _where(request: Any) -> str:
     return f"{request.method} {request.url.host}{request.url.path}"
 
 
+def _origin(request: Any) -> str:
+    """``host[:port]`` of the request (what a passthrough engine's 403 record names)."""
+    netloc: bytes = request.url.netloc
+    return netloc.decode("ascii", "replace")
+
+
 def _failure_error(failure: Failure) -> TowerAoaiError:
     kind = failure.kind
     if kind == "blocked":
@@ -261,7 +267,7 @@ class SyncDriver(_Base):
     def handle_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
         request.read()  # replayable from here on
-        call = self._engine.start(request.content)
+        call = self._engine.start(request.content, _origin(request) if self._engine.passthrough else None)
         while True:
             seen = self._ends
             step, value = call.next()
@@ -388,7 +394,7 @@ class AsyncDriver(_Base):
     async def handle_async_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
         await request.aread()  # replayable from here on
-        call = self._engine.start(request.content)
+        call = self._engine.start(request.content, _origin(request) if self._engine.passthrough else None)
         while True:
             seen = self._ends
             step, value = call.next()

@@ -194,9 +194,18 @@ pub struct EngineCall {
     /// The backend the call just failed over from: its next attempt goes elsewhere when it can,
     /// even to a worse tier (a 5xx leaves the backend usable, so the tier alone would pick it).
     avoid: Option<BackendId>,
+    /// Where the request really goes, for a passthrough engine (whose backend has no host).
+    origin: Option<String>,
 }
 
 impl EngineCall {
+    /// Names the host (`host[:port]`) the request goes to. A passthrough engine's backend has no
+    /// host of its own, so a 403 support record names this one; a configured backend always names
+    /// its own endpoint.
+    pub fn set_origin(&mut self, origin: impl Into<String>) {
+        self.origin = Some(origin.into());
+    }
+
     /// Attempts sent so far.
     pub fn attempts(&self) -> u32 {
         self.sent
@@ -320,6 +329,7 @@ impl Engine {
             sent: 0,
             last_outcome: None,
             avoid: None,
+            origin: None,
         }
     }
 
@@ -400,9 +410,13 @@ impl Engine {
         if class.outcome == Outcome::Blocked {
             let b = self.router.backends().get(id);
             let resource = self.router.backends().resource(id);
+            let host = match (&call.origin, self.passthrough) {
+                (Some(origin), true) => origin.as_str(),
+                _ => self.router.backends().resource_host(resource),
+            };
             let record = SupportRecord::new(
                 b.name(),
-                self.router.backends().resource_host(resource),
+                host,
                 b.deployment(),
                 b.region(),
                 status,
@@ -793,6 +807,38 @@ mod tests {
         let second = send(&mut e, &mut call, t0);
         assert_eq!(e.backends().get(second.backend()).name(), "west");
         e.on_cancel(second, t0);
+    }
+
+    #[test]
+    fn a_passthrough_block_names_the_requests_host() {
+        let h = headers(&[("apim-request-id", "p-1")]);
+        for (backends, origin, expected) in [
+            (None, "myres.openai.azure.com", "myres.openai.azure.com"),
+            (Some(two_regions()), "ignored.example", "east.example.com"),
+        ] {
+            let mut e = engine(backends);
+            let t0 = Instant::now();
+            let mut call = e.start(t0, b"{}", None);
+            call.set_origin(origin);
+            let ticket = send(&mut e, &mut call, t0);
+            let first = e.backends().get(ticket.backend()).name().to_owned();
+            e.on_response(
+                &mut call,
+                ticket,
+                StatusCode::FORBIDDEN,
+                &h,
+                Some(BLOCKED),
+                t0,
+                wall(),
+            );
+            let record = e.stats(t0, wall()).blocks().last().unwrap().clone();
+            let expected = if first == "west" && expected == "east.example.com" {
+                "west.example.com"
+            } else {
+                expected
+            };
+            assert_eq!(record.resource, expected);
+        }
     }
 
     #[test]
