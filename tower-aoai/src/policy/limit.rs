@@ -139,8 +139,8 @@ impl LimitConfig {
         self
     }
 
-    /// The smallest and largest growth per round trip while recovering toward the last throttle
-    /// level.
+    /// The smallest and largest growth per round trip while recovering toward the level that
+    /// held (and the largest while probing past it).
     pub fn with_steps(mut self, probe_step: f64, max_step: f64) -> Self {
         self.probe_step = probe_step;
         self.max_step = max_step;

@@ -8,7 +8,10 @@
 //! ([`TokenEstimator`](super::TokenEstimator)).
 //!
 //! - Rates come from configuration (known RPM/TPM) or are learned from `x-ratelimit-limit-requests`
-//!   / `x-ratelimit-limit-tokens`; configured values win. A `safety` factor (default 0.97) paces a
+//!   / `x-ratelimit-limit-tokens`; configured values win. Azure may report the request figure per
+//!   10 s (or per its tightest window) rather than per minute: by default ([`LimitWindow::Auto`])
+//!   the window is inferred from how `x-ratelimit-remaining-requests` tracks this pacer's own
+//!   sends ([`Pacer::on_response_to`]). A `safety` factor (default 0.97) paces a
 //!   little under the quota, so the jitter between the client's clock and the service's windows
 //!   does not trip it.
 //! - With the default burst of one request, sends are spaced by at least `60 s / (RPM * safety)`,
