@@ -97,7 +97,7 @@ impl Gcra {
     }
 
     /// Records a send of `cost` at `now` (call after [`wait`](Self::wait) said zero). The charge
-    /// is at most [`MAX_CHARGE`] of emission time.
+    /// is at most one minute of emission time.
     pub fn charge(&mut self, now: Instant, cost: f64) {
         let nanos = (cost.max(0.0) * self.interval_ns)
             .ceil()
@@ -516,8 +516,8 @@ impl Pacer {
         }
     }
 
-    /// Learns from the headers of a response received at `now`, as [`on_response_to`]
-    /// (Self::on_response_to) with the send time unknown (taken as `now`: window inference then
+    /// Learns from the headers of a response received at `now`, as
+    /// [`on_response_to`](Self::on_response_to) with the send time unknown (taken as `now`: window inference then
     /// learns nothing from this response).
     pub fn on_response(&mut self, now: Instant, headers: &HeaderMap) {
         self.learn(now, None, headers);
