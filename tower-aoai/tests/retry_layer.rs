@@ -328,3 +328,18 @@ async fn stats_count_a_scripted_sequence_and_diagnose_capacity() {
         "{diagnosis}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_limiters_refusal_is_returned_at_once() {
+    use tower_aoai::limit::{OverloadReason, Overloaded};
+    let (svc, mut handle) = service(RetryLayer::default());
+    let call = tokio::spawn(svc.oneshot(request()));
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_error(Overloaded {
+        reason: OverloadReason::QueueFull,
+    });
+    let err = call.await.unwrap().unwrap_err();
+    assert!(err.is::<Overloaded>(), "{err}");
+    settle().await;
+    assert!(no_request(&mut handle), "the refusal was retried");
+}

@@ -406,7 +406,15 @@ impl Engine {
     ) -> After {
         let class = classify::classify_response(status, headers, body, wall_now);
         let id = ticket.backend;
-        self.pacers[id.index()].on_response(now, headers);
+        self.pacers[id.index()].on_response_to(now, ticket.sent_at, headers);
+        if class.outcome.is_throttle() {
+            // A quota (or unexplained) 429's hint holds every send to this backend, not just this
+            // call's; the limit measures idleness from the end of that hold, not from now.
+            let hint = class.hint.map(|h| h.delay);
+            if let Some(until) = self.pacers[id.index()].on_throttle(now, class.outcome, hint) {
+                self.limits[id.index()].on_server_hold(until);
+            }
+        }
         if class.outcome == Outcome::Blocked {
             let b = self.router.backends().get(id);
             let resource = self.router.backends().resource(id);

@@ -148,8 +148,15 @@ where
                 );
                 (class, Ok(res.map(RetryBody::passthrough)))
             }
-            // A 403 block is final: the router sends nothing more to a blocked resource.
-            Err(e) if e.is::<crate::policy::route::BlockedError>() => return Err(e),
+            // A 403 block is final: the router sends nothing more to a blocked resource. So is
+            // the limiter's refusal: its queue was full or its wait would pass the deadline, and
+            // backing off here would only queue the call again.
+            Err(e)
+                if e.is::<crate::policy::route::BlockedError>()
+                    || e.is::<crate::limit::Overloaded>() =>
+            {
+                return Err(e);
+            }
             Err(e) => (classify::classify_error(transport_error(&*e)), Err(e)),
         };
         if let Some(stats) = &shared.stats {
