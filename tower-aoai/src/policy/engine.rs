@@ -27,7 +27,17 @@
 //!         Next::Fail(f) => raise the typed error,
 //!     }
 //! }
+//! engine.forget(&mut call)   // when the call ends some other way (dropped while queued)
 //! ```
+//!
+//! A driver that hands a success's body up as a stream uses
+//! [`Engine::on_response_streamed`] instead of `on_response`: the success keeps its concurrency
+//! permit in a [`Lease`] until the body ends ([`Engine::end_body`]), as the Rust limit layer's
+//! body does, so a streaming call holds its slot while it streams.
+//!
+//! A driver that can race two attempts asks [`Engine::hedge_delay`] how long to let an attempt
+//! run, then [`Engine::hedge`] for a second attempt to a different backend; the first successful
+//! answer wins and the other is cancelled ([`Engine::on_cancel`]).
 //!
 //! A failover to another backend never sleeps; a wait happens only when no backend is usable, or
 //! when the only usable one just failed without a hint (backoff).
@@ -104,6 +114,7 @@ pub struct Ticket {
     permit: Permit,
     sent_at: Instant,
     retry: bool,
+    hedge: bool,
 }
 
 impl Ticket {
@@ -116,6 +127,39 @@ impl Ticket {
     pub fn sent_at(&self) -> Instant {
         self.sent_at
     }
+
+    /// Whether the attempt is a hedge of another one ([`Engine::hedge`]).
+    pub fn is_hedge(&self) -> bool {
+        self.hedge
+    }
+}
+
+/// The concurrency permit of a successful attempt whose body is still being read: the backend is
+/// working on the call until the body ends. Hand it back exactly once, to [`Engine::end_body`].
+#[derive(Debug)]
+#[must_use = "a lease holds a permit; hand it back with Engine::end_body"]
+pub struct Lease {
+    backend: BackendId,
+    permit: Permit,
+}
+
+impl Lease {
+    /// The backend whose permit this is.
+    pub fn backend(&self) -> BackendId {
+        self.backend
+    }
+}
+
+/// How a leased response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyEnd {
+    /// Read to its end: the attempt counts as a success, its round trip measured to now.
+    Finished,
+    /// The body broke off (a transport error while reading): counted as a connection failure.
+    Failed,
+    /// Closed or dropped before its end: the permit goes back without an outcome.
+    Dropped,
 }
 
 /// What the driver does next for a call.
@@ -196,6 +240,10 @@ pub struct EngineCall {
     avoid: Option<BackendId>,
     /// Where the request really goes, for a passthrough engine (whose backend has no host).
     origin: Option<String>,
+    /// The backend whose queue the call waits in (counted in its `queue_depth`).
+    queued_on: Option<BackendId>,
+    /// Attempts of the call running now (2 while a hedge races its primary).
+    racing: u8,
 }
 
 impl EngineCall {
@@ -225,6 +273,11 @@ impl EngineCall {
     pub fn last_outcome(&self) -> Option<Outcome> {
         self.last_outcome
     }
+
+    /// Whether the call is waiting for a permit (its latest [`Next`] was [`Next::Queue`]).
+    pub fn is_queued(&self) -> bool {
+        self.queued_on.is_some()
+    }
 }
 
 /// The full stack's decisions for drivers that run calls themselves. See the [module docs](self).
@@ -240,6 +293,8 @@ pub struct Engine {
     stats: Stats,
     rng: fastrand::Rng,
     passthrough: bool,
+    /// Calls waiting for a permit, per backend.
+    queued: Vec<u32>,
 }
 
 impl Engine {
@@ -280,6 +335,7 @@ impl Engine {
                 .map_or(config.pacing, |(_, p)| *p);
             pacers.push(Pacer::new(pacing)?);
         }
+        let queued = vec![0; backends.len()];
         Ok(Self {
             retry: config.retry,
             budget: config.budget,
@@ -293,6 +349,7 @@ impl Engine {
                 .seed
                 .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
             passthrough,
+            queued,
         })
     }
 
@@ -330,11 +387,24 @@ impl Engine {
             last_outcome: None,
             avoid: None,
             origin: None,
+            queued_on: None,
+            racing: 0,
+        }
+    }
+
+    /// Ends a call that stops asking [`next`](Self::next) (it returned, failed, or was dropped):
+    /// it leaves the wait queue if it was in it. Idempotent.
+    pub fn forget(&mut self, call: &mut EngineCall) {
+        if let Some(id) = call.queued_on.take() {
+            let n = &mut self.queued[id.index()];
+            *n = n.saturating_sub(1);
         }
     }
 
     /// What the call does next at `now`.
     pub fn next(&mut self, call: &mut EngineCall, now: Instant) -> Next {
+        // A call is in the queue exactly while its latest answer is `Queue`.
+        self.forget(call);
         if call.retry.remaining(now).is_some_and(|left| left.is_zero()) {
             return Next::Fail(Failure::DeadlineExceeded);
         }
@@ -375,10 +445,13 @@ impl Engine {
                 return Next::Fail(Failure::Overloaded);
             }
             let left = self.queue_timeout - waited;
+            call.queued_on = Some(id);
+            self.queued[id.index()] += 1;
             return Next::Queue(self.capped(call, now, left.min(QUEUE_RECHECK)));
         };
         call.queued_since = None;
         call.avoid = None;
+        call.racing = 1;
         // Pacing said zero wait above, so this records the send.
         let _ = self.pacers[id.index()].check(now, tokens);
         self.router.on_send(&mut call.route, id, now);
@@ -388,11 +461,71 @@ impl Engine {
             permit,
             sent_at: now,
             retry: call.sent > 1,
+            hedge: false,
+        })
+    }
+
+    /// How long to let the attempt `primary` run before hedging it, if the call is hedged at
+    /// all: the router's hedge delay (a latency quantile of the backends), `None` when hedging is
+    /// off, the latency history is too short, or the call was already hedged.
+    pub fn hedge_delay(
+        &self,
+        call: &EngineCall,
+        primary: BackendId,
+        now: Instant,
+    ) -> Option<Duration> {
+        let delay = self.router.hedge_delay(&call.route, primary, now)?;
+        match call.retry.remaining(now) {
+            // A hedge that could not be sent before the deadline is no hedge.
+            Some(left) if left <= delay => None,
+            _ => Some(delay),
+        }
+    }
+
+    /// A hedge of the attempt to `primary`, still running at `now`: a second attempt to a
+    /// *different* usable backend with room now, if the hedge budget allows one. The first
+    /// successful answer of the two wins; cancel the other ([`on_cancel`](Self::on_cancel)).
+    ///
+    /// While both run, an attempt that fails is answered [`After::Retry`] without spending an
+    /// attempt of the call: wait for the other one, whose outcome gets the call's decision.
+    pub fn hedge(
+        &mut self,
+        call: &mut EngineCall,
+        primary: BackendId,
+        now: Instant,
+    ) -> Option<Ticket> {
+        if call.retry.remaining(now).is_some_and(|left| left.is_zero()) {
+            return None;
+        }
+        let tokens = call.tokens;
+        let (limits, pacers) = (&self.limits, &self.pacers);
+        let headroom = |id: BackendId| {
+            if pacers[id.index()].wait(now, tokens).is_zero() {
+                f64::from(limits[id.index()].available(now))
+            } else {
+                0.0
+            }
+        };
+        let id = self
+            .router
+            .pick_hedge(&mut call.route, primary, now, &headroom, &mut self.rng)?;
+        let permit = self.limits[id.index()].try_acquire(now, tokens)?;
+        let _ = self.pacers[id.index()].check(now, tokens);
+        self.router.on_send(&mut call.route, id, now);
+        call.sent += 1;
+        call.racing = 2;
+        Some(Ticket {
+            backend: id,
+            permit,
+            sent_at: now,
+            retry: false,
+            hedge: true,
         })
     }
 
     /// Feeds the response of the attempt `ticket`; `body` is the start of an error body (read it
-    /// when [`classify::needs_body`] says so), `None` for a success.
+    /// when [`classify::needs_body`] says so), `None` for a success. The attempt's permit goes
+    /// back now, whatever the outcome.
     #[allow(clippy::too_many_arguments)]
     pub fn on_response(
         &mut self,
@@ -404,8 +537,63 @@ impl Engine {
         now: Instant,
         wall_now: SystemTime,
     ) -> After {
+        let (after, lease) =
+            self.respond(call, ticket, status, headers, body, now, wall_now, false);
+        debug_assert!(lease.is_none());
+        after
+    }
+
+    /// [`on_response`](Self::on_response) for a driver that hands a success's body up as a
+    /// stream: a success keeps its permit in the returned [`Lease`] until the body ends
+    /// ([`end_body`](Self::end_body)), as the limit layer's body does; any other outcome gives
+    /// it back now (a failure is over when its headers arrive) and returns no lease.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_response_streamed(
+        &mut self,
+        call: &mut EngineCall,
+        ticket: Ticket,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> (After, Option<Lease>) {
+        self.respond(call, ticket, status, headers, body, now, wall_now, true)
+    }
+
+    /// Gives back the permit of a success whose body ended at `now`, as `end` says.
+    pub fn end_body(&mut self, lease: Lease, end: BodyEnd, now: Instant) {
+        let limit = &mut self.limits[lease.backend.index()];
+        match end {
+            BodyEnd::Finished => {
+                limit.on_outcome(lease.permit, Outcome::Success, now);
+            }
+            BodyEnd::Failed => {
+                limit.on_outcome(
+                    lease.permit,
+                    Outcome::Transient(super::TransientKind::Connect),
+                    now,
+                );
+            }
+            BodyEnd::Dropped => limit.on_cancel(lease.permit, now),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &mut self,
+        call: &mut EngineCall,
+        ticket: Ticket,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+        now: Instant,
+        wall_now: SystemTime,
+        lease: bool,
+    ) -> (After, Option<Lease>) {
         let class = classify::classify_response(status, headers, body, wall_now);
         let id = ticket.backend;
+        let mut kept = None;
         self.pacers[id.index()].on_response_to(now, ticket.sent_at, headers);
         if class.outcome.is_throttle() {
             // A quota (or unexplained) 429's hint holds every send to this backend, not just this
@@ -439,11 +627,18 @@ impl Engine {
         } else {
             self.observe(&ticket, &class, Some(headers), now, wall_now);
             let latency = now.saturating_duration_since(ticket.sent_at);
-            self.limits[id.index()].on_outcome(ticket.permit, class.outcome, now);
+            if lease && class.outcome == Outcome::Success {
+                kept = Some(Lease {
+                    backend: id,
+                    permit: ticket.permit,
+                });
+            } else {
+                self.limits[id.index()].on_outcome(ticket.permit, class.outcome, now);
+            }
             self.router
                 .on_response(id, &class, latency, now, &mut self.rng);
         }
-        self.after(call, id, class, now)
+        (self.after(call, id, class, now), kept)
     }
 
     /// Feeds a transport error (no response) of the attempt `ticket`.
@@ -478,6 +673,7 @@ impl Engine {
             let gauges = Gauges {
                 limit: Some(limit.limit_at(now)),
                 in_flight: limit.in_flight(),
+                queue_depth: self.queued[id.index()],
                 ..stats::router_gauges(&self.router, id, now, wall_now)
             };
             let name = self.router.backends().get(id).name().to_owned();
@@ -507,7 +703,7 @@ impl Engine {
             headers,
             latency: Some(now.saturating_duration_since(ticket.sent_at)),
             retry: ticket.retry,
-            hedge: false,
+            hedge: ticket.hedge,
             wall_now,
         });
     }
@@ -521,6 +717,11 @@ impl Engine {
         now: Instant,
     ) -> After {
         call.last_outcome = Some(class.outcome);
+        if call.racing > 1 && class.outcome != Outcome::Success {
+            // The other attempt of a hedged call still runs: the call waits for it.
+            call.racing -= 1;
+            return After::Retry;
+        }
         if class.outcome == Outcome::Success || !class.retryable {
             // A 403 block is not retryable on its resource, but another resource may serve.
             if class.outcome != Outcome::Blocked || !self.other_usable(failed, now) {
@@ -895,5 +1096,235 @@ mod tests {
             Next::Fail(Failure::Overloaded)
         ));
         e.on_cancel(tc, t0);
+    }
+
+    fn ok(e: &mut Engine, call: &mut EngineCall, ticket: Ticket, now: Instant) -> After {
+        e.on_response(
+            call,
+            ticket,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            now,
+            wall(),
+        )
+    }
+
+    fn gauges(e: &mut Engine, now: Instant) -> (u32, u32) {
+        let stats = e.stats(now, wall());
+        let g = &stats.backend(PASSTHROUGH_BACKEND).unwrap().gauges;
+        (g.in_flight, g.queue_depth)
+    }
+
+    #[test]
+    fn a_streamed_success_holds_its_permit_until_the_body_ends() {
+        let config = EngineConfig {
+            limit: LimitConfig::default().with_initial(1).with_max(1),
+            seed: Some(3),
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::new(None, config).unwrap();
+        let t0 = Instant::now();
+        let mut a = e.start(t0, b"{}", None);
+        let ticket = send(&mut e, &mut a, t0);
+        let (after, lease) = e.on_response_streamed(
+            &mut a,
+            ticket,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Return);
+        let lease = lease.expect("a success keeps its permit");
+        // Headers are in, the body streams: the slot is still taken.
+        assert_eq!(gauges(&mut e, t0), (1, 0));
+        let mut b = e.start(t0, b"{}", None);
+        assert!(matches!(e.next(&mut b, t0), Next::Queue(_)));
+        assert!(b.is_queued());
+        assert_eq!(gauges(&mut e, t0), (1, 1));
+        let t1 = t0 + Duration::from_secs(2);
+        e.end_body(lease, BodyEnd::Finished, t1);
+        assert_eq!(gauges(&mut e, t1), (0, 1));
+        // The round trip is measured to the body's end, as the limit layer does.
+        assert_eq!(e.limits[0].srtt(), Some(Duration::from_secs(2)));
+        let tb = send(&mut e, &mut b, t1);
+        assert!(!b.is_queued());
+        assert_eq!(gauges(&mut e, t1), (1, 0));
+        let (_, lease) = e.on_response_streamed(
+            &mut b,
+            tb,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            None,
+            t1,
+            wall(),
+        );
+        e.end_body(lease.unwrap(), BodyEnd::Dropped, t1);
+        assert_eq!(gauges(&mut e, t1), (0, 0));
+    }
+
+    #[test]
+    fn a_streamed_failure_gives_its_permit_back_at_once() {
+        let mut e = engine(None);
+        let t0 = Instant::now();
+        let mut call = e.start(t0, b"{}", None);
+        let ticket = send(&mut e, &mut call, t0);
+        let (after, lease) = e.on_response_streamed(
+            &mut call,
+            ticket,
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after-ms", "100")]),
+            Some(QUOTA),
+            t0,
+            wall(),
+        );
+        assert_eq!(after, After::Retry);
+        assert!(lease.is_none());
+        assert_eq!(gauges(&mut e, t0).0, 0);
+    }
+
+    #[test]
+    fn queue_depth_counts_exactly_the_calls_waiting() {
+        let config = EngineConfig {
+            limit: LimitConfig::default().with_initial(1).with_max(1),
+            queue_timeout: Duration::from_secs(2),
+            seed: Some(5),
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::new(None, config).unwrap();
+        let t0 = Instant::now();
+        let mut a = e.start(t0, b"{}", None);
+        let ta = send(&mut e, &mut a, t0);
+        let mut b = e.start(t0, b"{}", None);
+        let mut c = e.start(t0, b"{}", None);
+        let mut d = e.start(t0, b"{}", None);
+        for call in [&mut b, &mut c, &mut d] {
+            assert!(matches!(e.next(call, t0), Next::Queue(_)));
+        }
+        // Asking again while still at the limit does not count a call twice.
+        assert!(matches!(e.next(&mut b, t0), Next::Queue(_)));
+        assert_eq!(gauges(&mut e, t0).1, 3);
+        // A call dropped while queued leaves (and forgetting it twice changes nothing).
+        e.forget(&mut c);
+        e.forget(&mut c);
+        assert_eq!(gauges(&mut e, t0).1, 2);
+        // A call that times out leaves.
+        let t2 = t0 + Duration::from_secs(2);
+        assert!(matches!(
+            e.next(&mut d, t2),
+            Next::Fail(Failure::Overloaded)
+        ));
+        assert_eq!(gauges(&mut e, t2).1, 1);
+        // A call that gets its permit leaves.
+        assert_eq!(ok(&mut e, &mut a, ta, t0), After::Return);
+        let tb = send(&mut e, &mut b, t0);
+        assert_eq!(gauges(&mut e, t0), (1, 0));
+        e.on_cancel(tb, t0);
+    }
+
+    /// Two backends where `east` has answered 25 calls in 100 ms each and `west` 25 in 50 ms (the
+    /// calls that picked a backend already warm are cancelled, so they leave no sample); and how
+    /// many calls that took.
+    fn warmed_up() -> (Engine, Instant, BackendId, BackendId, u32) {
+        let mut e = engine(Some(two_regions()));
+        let east = e.backends().find("east").unwrap();
+        let west = e.backends().find("west").unwrap();
+        let mut t = Instant::now();
+        let mut seen = [0u32; 2];
+        let mut calls = 0;
+        while seen.iter().any(|&n| n < 25) {
+            let mut call = e.start(t, b"{}", None);
+            calls += 1;
+            let ticket = send(&mut e, &mut call, t);
+            let id = ticket.backend();
+            if seen[id.index()] >= 25 {
+                e.on_cancel(ticket, t);
+                continue;
+            }
+            seen[id.index()] += 1;
+            let took = if id == east { 100 } else { 50 };
+            t += Duration::from_millis(took);
+            assert_eq!(ok(&mut e, &mut call, ticket, t), After::Return);
+        }
+        (e, t, east, west, calls)
+    }
+
+    #[test]
+    fn a_hedge_goes_to_another_backend_and_the_first_success_wins() {
+        let (mut e, t, east, west, _) = warmed_up();
+        let mut call = e.start(t, b"{}", None);
+        let primary = loop {
+            let ticket = send(&mut e, &mut call, t);
+            if ticket.backend() == east {
+                break ticket;
+            }
+            // Keep the test about a primary on the slow backend.
+            e.on_cancel(ticket, t);
+            call = e.start(t, b"{}", None);
+        };
+        let delay = e
+            .hedge_delay(&call, east, t)
+            .expect("enough history to hedge");
+        // The faster backend's quantile bounds the wait.
+        assert!(delay <= Duration::from_millis(60), "{delay:?}");
+        let th = t + delay;
+        let hedge = e
+            .hedge(&mut call, east, th)
+            .expect("the budget allows a hedge");
+        assert_eq!(hedge.backend(), west);
+        assert!(hedge.is_hedge());
+        assert_eq!(call.attempts(), 2);
+        // Once hedged, a call is not hedged again.
+        assert_eq!(e.hedge_delay(&call, east, th), None);
+        assert_eq!(ok(&mut e, &mut call, hedge, th), After::Return);
+        e.on_cancel(primary, th);
+        let stats = e.stats(th, wall());
+        assert_eq!(stats.backend("east").unwrap().gauges.in_flight, 0);
+        assert_eq!(stats.backend("west").unwrap().gauges.in_flight, 0);
+    }
+
+    #[test]
+    fn a_failed_attempt_of_a_hedged_call_waits_for_the_other() {
+        let (mut e, t, _, _, _) = warmed_up();
+        let mut call = e.start(t, b"{}", None);
+        let primary = send(&mut e, &mut call, t);
+        let Some(hedge) = e.hedge(&mut call, primary.backend(), t) else {
+            panic!("the budget allows a hedge");
+        };
+        assert_ne!(hedge.backend(), primary.backend());
+        let budget = e.budget_remaining(t);
+        let after = e.on_error(&mut call, primary, TransportError::Connect, t, wall());
+        assert_eq!(after, After::Retry);
+        // No retry was spent: the hedge still runs.
+        assert_eq!(e.budget_remaining(t), budget);
+        // The hedge fails too: now the call gets its real decision (a retry, budget spent).
+        let after = e.on_error(&mut call, hedge, TransportError::Connect, t, wall());
+        assert_eq!(after, After::Retry);
+        assert_eq!(e.budget_remaining(t), budget - 1);
+    }
+
+    #[test]
+    fn the_hedge_budget_bounds_hedges() {
+        let (mut e, t, _, _, warm_up) = warmed_up();
+        let mut hedges = 0;
+        let calls = 40;
+        for _ in 0..calls {
+            let mut call = e.start(t, b"{}", None);
+            let primary = send(&mut e, &mut call, t);
+            if let Some(h) = e.hedge(&mut call, primary.backend(), t) {
+                hedges += 1;
+                e.on_cancel(h, t);
+            }
+            e.on_cancel(primary, t);
+        }
+        // At most 5 % of the calls in the window (the warm-up's included).
+        let allowed = (f64::from(warm_up + calls) * 0.05).floor() as u32;
+        assert!(
+            (1..=allowed).contains(&hedges),
+            "{hedges} hedges for {} calls",
+            warm_up + calls
+        );
     }
 }
