@@ -298,6 +298,9 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=RESULTS / "goodput.png")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument(
+        "--merge", action="store_true", help="keep the other scenarios already in --out (rerun some)"
+    )
+    ap.add_argument(
         "--in-turn", dest="parallel", action="store_false", help="run contenders one after the other"
     )
     args = ap.parse_args()
@@ -408,9 +411,22 @@ def main() -> int:
         print(t, end="\n\n", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        old["scenarios"].update(out["scenarios"])
+        old.setdefault("reruns", []).append({"command": out["command"], "started": out["started"]})
+        out = old
+        tables = [table(n, sc["rows"], sc["bound"], sc["calls"]) for n, sc in out["scenarios"].items()]
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+    settings = "\n".join(
+        f"- {n}: {sc['calls']} calls ({sc['streaming_calls']} streaming) over the first {sc['duration_s']:g} "
+        f"simulated s, time scale {sc['time_scale']:g}, targets {', '.join(sc['targets'])}"
+        for n, sc in out["scenarios"].items()
+    )
     (args.out.with_suffix(".md")).write_text(
-        f"Machine: {out['machine']}\n\nCommand: `{out['command']}` ({out['started']})\n\n```\n"
+        f"Machine: {out['machine']}\n\nCommand: `{out['command']}` ({out['started']})"
+        + "".join(f"; rerun `{r['command']}` ({r['started']})" for r in out.get("reruns", []))
+        + f"\n\n{settings}\n\n```\n"
         + "\n\n".join(tables)
         + "\n```\n"
     )
