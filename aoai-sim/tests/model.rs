@@ -832,3 +832,29 @@ fn a_request_larger_than_the_context_is_a_400() {
         Some(200)
     );
 }
+
+#[test]
+fn a_request_too_long_for_the_ptu_spills_over_with_a_400_spillover_error() {
+    let scenario = PTU
+        .replace(
+            "name = \"gpt-4o-spill\"\n    kind = \"provisioned\"\n    tpm = 6000",
+            "name = \"gpt-4o-spill\"\n    kind = \"provisioned\"\n    tpm = 6000\n    max_request_tokens = 1000",
+        )
+        .replace(
+            "name = \"gpt-4o-ptu\"\n    kind = \"provisioned\"\n    tpm = 6000",
+            "name = \"gpt-4o-ptu\"\n    kind = \"provisioned\"\n    tpm = 6000\n    max_request_tokens = 1000",
+        );
+    let mut m = model(&scenario);
+    let long = body(0, 1500, false);
+    let spilled = m.handle(s(0.0), &chat("ptu", "gpt-4o-spill", long.clone()));
+    let a = answer(&spilled);
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.verdict, Verdict::Spilled);
+    assert_eq!(a.headers["x-ms-deployment-name"], "gpt-4o-std");
+    assert_eq!(a.headers["x-ms-spillover-error"], "400");
+    // Without a spillover target the long request is still a 400.
+    assert_eq!(
+        m.handle(s(0.0), &chat("ptu", "gpt-4o-ptu", long)).status(),
+        Some(400)
+    );
+}

@@ -757,7 +757,17 @@ impl Model {
         let mut spilled = false;
 
         let limit = self.resources[ri].deployments[di].max_request_tokens;
-        if estimate > limit {
+        // A provisioned deployment spills a request too long for it to a standard deployment
+        // that can take it (the "400 for long context" spillover case).
+        if estimate > limit
+            && self.resources[ri].deployments[di].kind == DeploymentKind::Provisioned
+            && let Some(to) = self.spill_target(req, ri, di)
+            && estimate <= self.resources[ri].deployments[to].max_request_tokens
+        {
+            self.mark_spill(&mut headers, ri, di, to, 400);
+            served = to;
+            spilled = true;
+        } else if estimate > limit {
             return SimResponse::Answer(self.error(
                 headers,
                 StatusCode::BAD_REQUEST,
