@@ -3,8 +3,9 @@
 //!
 //! [`Engine`] wraps `tower_aoai::policy::engine::Engine` behind a mutex; a [`Call`] is one user
 //! request, an [`Attempt`] one send, owning the core's `Ticket` (its permit): dropping an attempt
-//! without an outcome hands the permit back (`on_cancel`). No decision is made here: this file
-//! converts Python values to the core's types and back.
+//! without an outcome hands the permit back (`on_cancel`). A success handed up as a stream keeps
+//! its permit in a [`Lease`] until its body ends; dropping the lease hands it back. No decision is
+//! made here: this file converts Python values to the core's types and back.
 //!
 //! Locking: a call's state is locked before the engine, never the other way round, and no Python
 //! code runs while the engine is locked (a token provider is called outside it), so a thread that
@@ -19,9 +20,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use tower_aoai::policy::classify::{self, TransportError};
 use tower_aoai::policy::engine::{
-    After, Engine as Core, EngineCall, EngineConfig, Failure, Next, Ticket,
+    After, BodyEnd, Engine as Core, EngineCall, EngineConfig, Failure, Lease as CoreLease, Next,
+    Ticket,
 };
-use tower_aoai::policy::route::{BackendId, Backends, RoutePolicy};
+use tower_aoai::policy::route::{BackendId, Backends, HedgePolicy, RoutePolicy};
 use tower_aoai::policy::{
     Backoff, ConfigError, LimitConfig, Pacer, PacingConfig, RetryBudget, RetryPolicy,
     TokenEstimator,
@@ -40,6 +42,14 @@ pub(crate) const DEFAULT_BUDGET_TTL: f64 = 10.0;
 pub(crate) const DEFAULT_HINT_JITTER: f64 = 0.1;
 /// Default seconds a call waits for a concurrency permit (the core's `EngineConfig::default`).
 pub(crate) const DEFAULT_QUEUE_TIMEOUT: f64 = 30.0;
+/// Default latency quantile after which a call is hedged (the core's `HedgePolicy::default`).
+pub(crate) const DEFAULT_HEDGE_QUANTILE: f64 = 0.95;
+/// Default latency samples a backend needs before its calls are hedged.
+pub(crate) const DEFAULT_HEDGE_MIN_SAMPLES: u32 = 20;
+/// Default share of extra requests hedging may cost.
+pub(crate) const DEFAULT_HEDGE_RATIO: f64 = 0.05;
+/// The window over which the hedge budget counts calls (the core's `HedgePolicy::default`).
+const HEDGE_BUDGET_TTL: Duration = Duration::from_secs(10);
 
 /// The validated retry settings of an [`Engine`], kept to rebuild the same policy elsewhere (the
 /// parity hook) and to show them in `repr()`.
@@ -55,6 +65,27 @@ pub(crate) struct Settings {
     pub(crate) budget_min_per_sec: u32,
     pub(crate) budget_ratio: f64,
     pub(crate) seed: Option<u64>,
+    /// Hedging: the latency quantile to hedge after (`None`: off), the samples a backend needs,
+    /// and the share of extra requests hedges may cost.
+    pub(crate) hedge: Hedging,
+}
+
+/// When a call is hedged, and what hedging may cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Hedging {
+    pub(crate) quantile: Option<f64>,
+    pub(crate) min_samples: u32,
+    pub(crate) ratio: f64,
+}
+
+impl Default for Hedging {
+    fn default() -> Self {
+        Self {
+            quantile: Some(DEFAULT_HEDGE_QUANTILE),
+            min_samples: DEFAULT_HEDGE_MIN_SAMPLES,
+            ratio: DEFAULT_HEDGE_RATIO,
+        }
+    }
 }
 
 impl Settings {
@@ -72,12 +103,21 @@ impl Settings {
         RetryBudget::new(self.budget_ttl, self.budget_min_per_sec, self.budget_ratio)
     }
 
-    /// The router's policy: hints jittered like the retry policy's, the same attempts and waits.
+    /// The router's policy: hints jittered like the retry policy's, the same attempts and waits,
+    /// and the hedging settings.
     pub(crate) fn route(&self) -> Result<RoutePolicy, ConfigError> {
+        let hedge = match self.hedge.quantile {
+            None => HedgePolicy::disabled(),
+            Some(q) => HedgePolicy::default()
+                .with_quantile(q)?
+                .with_min_samples(self.hedge.min_samples)
+                .with_budget(HEDGE_BUDGET_TTL, self.hedge.ratio)?,
+        };
         Ok(RoutePolicy::new()
             .with_cooldown_jitter(self.hint_jitter)?
             .with_max_attempts(self.max_attempts)?
-            .with_max_wait(self.max_wait))
+            .with_max_wait(self.max_wait)
+            .with_hedge(hedge))
     }
 }
 
@@ -131,6 +171,8 @@ fn argument_name(field: &str) -> &str {
         "pacing.tokens_per_minute" => "tpm",
         "tokens.chars_per_token" => "chars_per_token",
         "tokens.prompt_share" => "prompt_share",
+        "hedge.quantile" => "hedge_quantile",
+        "hedge.ratio" => "hedge_budget",
         other => other,
     }
 }
@@ -245,6 +287,9 @@ impl Engine {
         chars_per_token = None,
         prompt_share = None,
         default_completion_tokens = None,
+        hedge_quantile = Some(DEFAULT_HEDGE_QUANTILE),
+        hedge_min_samples = i64::from(DEFAULT_HEDGE_MIN_SAMPLES),
+        hedge_budget = DEFAULT_HEDGE_RATIO,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -269,6 +314,9 @@ impl Engine {
         chars_per_token: Option<f64>,
         prompt_share: Option<f64>,
         default_completion_tokens: Option<u64>,
+        hedge_quantile: Option<f64>,
+        hedge_min_samples: i64,
+        hedge_budget: f64,
     ) -> PyResult<Self> {
         let settings = Settings {
             max_attempts: count("max_attempts", max_attempts)?,
@@ -281,6 +329,13 @@ impl Engine {
             budget_min_per_sec: count("budget_min_per_sec", budget_min_per_sec)?,
             budget_ratio: fraction("budget_ratio", budget_ratio)?,
             seed,
+            hedge: Hedging {
+                quantile: hedge_quantile
+                    .map(|q| fraction("hedge_quantile", q))
+                    .transpose()?,
+                min_samples: count("hedge_min_samples", hedge_min_samples)?,
+                ratio: fraction("hedge_budget", hedge_budget)?,
+            },
         };
         let d = TokenEstimator::default();
         let defaults = (4.0, 1.0, d.default_completion_tokens());
@@ -433,6 +488,24 @@ impl Engine {
         self.shared.load.queue_timeout.as_secs_f64()
     }
 
+    /// The latency quantile after which an async call is hedged (`None`: hedging is off).
+    #[getter]
+    fn hedge_quantile(&self) -> Option<f64> {
+        self.shared.settings.hedge.quantile
+    }
+
+    /// Latency samples a backend needs before calls to it are hedged.
+    #[getter]
+    fn hedge_min_samples(&self) -> u32 {
+        self.shared.settings.hedge.min_samples
+    }
+
+    /// The share of extra requests hedging may cost (over a 10 s window).
+    #[getter]
+    fn hedge_budget(&self) -> f64 {
+        self.shared.settings.hedge.ratio
+    }
+
     /// Retries the budget still allows now.
     fn budget_remaining(&self) -> u32 {
         let core = lock(&self.shared.core);
@@ -477,7 +550,8 @@ impl Engine {
         let num = |v: Option<f64>| v.map_or_else(|| "None".to_owned(), |x| format!("{x:?}"));
         format!(
             "Engine({}, backends={backends}, initial_concurrency={}, min_concurrency={}, \
-             max_concurrency={}, rpm={}, tpm={}, queue_timeout={:?})",
+             max_concurrency={}, rpm={}, tpm={}, queue_timeout={:?}, hedge_quantile={}, \
+             hedge_min_samples={}, hedge_budget={:?})",
             settings_repr(&s.settings),
             limit.initial(),
             limit.min(),
@@ -485,6 +559,9 @@ impl Engine {
             num(s.load.rpm),
             num(s.load.tpm),
             s.load.queue_timeout.as_secs_f64(),
+            num(s.settings.hedge.quantile),
+            s.settings.hedge.min_samples,
+            s.settings.hedge.ratio,
         )
     }
 }
@@ -636,14 +713,7 @@ impl Call {
         drop(state);
         match next {
             Next::Send(ticket) => {
-                let id = ticket.backend();
-                let attempt = Attempt {
-                    shared: self.shared.clone(),
-                    call: self.state.clone(),
-                    ticket: Mutex::new(Some(ticket)),
-                    backend: id,
-                    support_request: Mutex::new(None),
-                };
+                let attempt = Attempt::new(&self.shared, &self.state, ticket);
                 let attempt = Bound::new(py, attempt)?;
                 PyTuple::new(py, [intern_str(py, "send"), attempt.into_any()])
             }
@@ -690,6 +760,40 @@ impl Call {
         lock(&self.state).call.tokens()
     }
 
+    /// Ends the call (returned, raised, or abandoned): it leaves the permit queue if it waited
+    /// there, so `queue_depth` stays exact. Idempotent; dropping the call does the same.
+    fn forget(&self) {
+        let mut state = lock(&self.state);
+        if state.call.is_queued() {
+            lock(&self.shared.core).engine.forget(&mut state.call);
+        }
+    }
+
+    /// How long to let `primary` run before hedging it, in seconds; `None` when the call is not
+    /// hedged (hedging off, too little latency history, already hedged, or past the deadline).
+    fn hedge_delay(&self, primary: &Attempt) -> Option<f64> {
+        let state = lock(&self.state);
+        let core = lock(&self.shared.core);
+        let (now, _) = core.now();
+        core.engine
+            .hedge_delay(&state.call, primary.backend, now)
+            .map(|d| d.as_secs_f64())
+    }
+
+    /// A hedge of `primary` (still running): an attempt to a different usable backend with
+    /// room, if the hedge budget allows one; `None` otherwise. The first successful answer wins;
+    /// cancel the other attempt.
+    fn hedge(&self, primary: &Attempt) -> Option<Attempt> {
+        let mut state = lock(&self.state);
+        let ticket = {
+            let mut core = lock(&self.shared.core);
+            let (now, _) = core.now();
+            core.engine.hedge(&mut state.call, primary.backend, now)
+        }?;
+        drop(state);
+        Some(Attempt::new(&self.shared, &self.state, ticket))
+    }
+
     /// Seconds left before the call's deadline (`None`: no deadline).
     fn remaining(&self) -> Option<f64> {
         let state = lock(&self.state);
@@ -711,6 +815,15 @@ impl Call {
     }
 }
 
+impl Drop for Call {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        if state.call.is_queued() {
+            lock(&self.shared.core).engine.forget(&mut state.call);
+        }
+    }
+}
+
 fn intern_str<'py>(py: Python<'py>, s: &'static str) -> Bound<'py, PyAny> {
     pyo3::types::PyString::intern(py, s).into_any()
 }
@@ -728,6 +841,7 @@ pub struct Attempt {
     call: Arc<Mutex<CallState>>,
     ticket: Mutex<Option<Ticket>>,
     backend: BackendId,
+    hedge: bool,
     support_request: Mutex<Option<String>>,
 }
 
@@ -793,6 +907,7 @@ impl Attempt {
 
     /// Feeds the attempt's response: `status`, raw `headers` (an iterable of `(bytes, bytes)`,
     /// such as `response.headers.raw`) and, for statuses that need it, the body's first bytes.
+    /// The permit goes back now, whatever the outcome.
     #[pyo3(signature = (status, headers, body_prefix = None))]
     fn on_response(
         &self,
@@ -801,36 +916,27 @@ impl Attempt {
         headers: &Bound<'_, PyAny>,
         body_prefix: Option<&[u8]>,
     ) -> PyResult<PyAfter> {
-        let status = StatusCode::from_u16(status).map_err(|_| {
-            PyValueError::new_err(format!(
-                "invalid `status`: must be between 100 and 999, got {status}"
-            ))
-        })?;
-        let headers = header_map(py, headers)?;
-        let ticket = self.take_ticket()?;
-        let mut state = lock(&self.call);
-        let mut core = lock(&self.shared.core);
-        let (now, wall) = core.now();
-        let after = core.engine.on_response(
-            &mut state.call,
-            ticket,
-            status,
-            &headers,
-            body_prefix,
-            now,
-            wall,
-        );
-        let outcome = state.call.last_outcome();
-        if outcome == Some(tower_aoai::policy::Outcome::Blocked) {
-            let text = core
-                .engine
-                .stats(now, wall)
-                .blocks()
-                .last()
-                .map(|r| r.support_request());
-            *lock(&self.support_request) = text;
-        }
-        Ok(py_after(after, outcome))
+        Ok(self.respond(py, status, headers, body_prefix, false)?.0)
+    }
+
+    /// `on_response` for a response whose body is handed up as a stream: a success keeps its
+    /// permit in the returned [`Lease`] until the body ends, is closed or is dropped (end it
+    /// with `finish`, `fail` or `cancel`); any other outcome gives it back now (no lease).
+    #[pyo3(signature = (status, headers, body_prefix = None))]
+    fn on_response_streamed(
+        &self,
+        py: Python<'_>,
+        status: u16,
+        headers: &Bound<'_, PyAny>,
+        body_prefix: Option<&[u8]>,
+    ) -> PyResult<(PyAfter, Option<Lease>)> {
+        let (after, lease) = self.respond(py, status, headers, body_prefix, true)?;
+        let lease = lease.map(|lease| Lease {
+            shared: self.shared.clone(),
+            lease: Mutex::new(Some(lease)),
+            backend: self.backend,
+        });
+        Ok((after, lease))
     }
 
     /// Feeds an attempt that got no response: `kind` is `"timeout"` or `"connect"` (any other
@@ -867,16 +973,87 @@ impl Attempt {
         lock(&self.support_request).clone()
     }
 
+    /// Whether the attempt is a hedge of another one of its call.
+    #[getter]
+    fn hedge(&self) -> bool {
+        self.hedge
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "Attempt(backend={:?}, open={})",
+            "Attempt(backend={:?}, open={}, hedge={})",
             self.shared.backends.get(self.backend).name(),
-            lock(&self.ticket).is_some()
+            lock(&self.ticket).is_some(),
+            self.hedge
         )
     }
 }
 
 impl Attempt {
+    fn new(shared: &Arc<Shared>, call: &Arc<Mutex<CallState>>, ticket: Ticket) -> Self {
+        Self {
+            shared: shared.clone(),
+            call: call.clone(),
+            backend: ticket.backend(),
+            hedge: ticket.is_hedge(),
+            ticket: Mutex::new(Some(ticket)),
+            support_request: Mutex::new(None),
+        }
+    }
+
+    fn respond(
+        &self,
+        py: Python<'_>,
+        status: u16,
+        headers: &Bound<'_, PyAny>,
+        body_prefix: Option<&[u8]>,
+        streamed: bool,
+    ) -> PyResult<(PyAfter, Option<CoreLease>)> {
+        let status = StatusCode::from_u16(status).map_err(|_| {
+            PyValueError::new_err(format!(
+                "invalid `status`: must be between 100 and 999, got {status}"
+            ))
+        })?;
+        let headers = header_map(py, headers)?;
+        let ticket = self.take_ticket()?;
+        let mut state = lock(&self.call);
+        let mut core = lock(&self.shared.core);
+        let (now, wall) = core.now();
+        let (after, lease) = if streamed {
+            core.engine.on_response_streamed(
+                &mut state.call,
+                ticket,
+                status,
+                &headers,
+                body_prefix,
+                now,
+                wall,
+            )
+        } else {
+            let after = core.engine.on_response(
+                &mut state.call,
+                ticket,
+                status,
+                &headers,
+                body_prefix,
+                now,
+                wall,
+            );
+            (after, None)
+        };
+        let outcome = state.call.last_outcome();
+        if outcome == Some(tower_aoai::policy::Outcome::Blocked) {
+            let text = core
+                .engine
+                .stats(now, wall)
+                .blocks()
+                .last()
+                .map(|r| r.support_request());
+            *lock(&self.support_request) = text;
+        }
+        Ok((py_after(after, outcome), lease))
+    }
+
     fn take_ticket(&self) -> PyResult<Ticket> {
         lock(&self.ticket).take().ok_or_else(|| {
             pyo3::exceptions::PyRuntimeError::new_err("this attempt already has its outcome")
@@ -895,6 +1072,76 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// The concurrency permit of a successful attempt whose body is still being read (from
+/// `Attempt.on_response_streamed`): the backend works on the call until the body ends. End it
+/// exactly once — `finish` (read to the end), `fail` (broke off) or `cancel` (closed early); the
+/// first end counts, later ones are no-ops. Dropped while open, it is cancelled.
+#[pyclass(frozen, module = "tower_aoai._core")]
+pub struct Lease {
+    shared: Arc<Shared>,
+    lease: Mutex<Option<CoreLease>>,
+    backend: BackendId,
+}
+
+#[pymethods]
+impl Lease {
+    /// The backend's name.
+    #[getter]
+    fn backend(&self) -> &str {
+        self.shared.backends.get(self.backend).name()
+    }
+
+    /// Whether the lease still holds its permit.
+    #[getter]
+    fn open(&self) -> bool {
+        lock(&self.lease).is_some()
+    }
+
+    /// The body was read to its end: the attempt counts as a success, its round trip measured
+    /// to now. Returns whether this ended the lease.
+    fn finish(&self) -> bool {
+        self.end(BodyEnd::Finished)
+    }
+
+    /// The body broke off (a transport error): counted as a connection failure. Returns whether
+    /// this ended the lease.
+    fn fail(&self) -> bool {
+        self.end(BodyEnd::Failed)
+    }
+
+    /// The body was closed before its end: the permit goes back without an outcome. Returns
+    /// whether this ended the lease.
+    fn cancel(&self) -> bool {
+        self.end(BodyEnd::Dropped)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Lease(backend={:?}, open={})",
+            self.shared.backends.get(self.backend).name(),
+            lock(&self.lease).is_some()
+        )
+    }
+}
+
+impl Lease {
+    fn end(&self, how: BodyEnd) -> bool {
+        let Some(lease) = lock(&self.lease).take() else {
+            return false;
+        };
+        let mut core = lock(&self.shared.core);
+        let (now, _) = core.now();
+        core.engine.end_body(lease, how, now);
+        true
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.end(BodyEnd::Dropped);
     }
 }
 
@@ -1020,6 +1267,7 @@ mod tests {
             budget_min_per_sec: u32::try_from(DEFAULT_BUDGET_MIN_PER_SEC).unwrap(),
             budget_ratio: DEFAULT_BUDGET_RATIO,
             seed: Some(1),
+            hedge: Hedging::default(),
         }
     }
 

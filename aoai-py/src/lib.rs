@@ -17,7 +17,7 @@ mod report;
 use pyo3::prelude::*;
 
 pub use backend::Backend;
-pub use engine::{Attempt, Call, Engine, FailureInfo};
+pub use engine::{Attempt, Call, Engine, FailureInfo, Lease};
 pub use parity::_run_retry_layer;
 pub use report::Diagnosis;
 
@@ -27,6 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Call>()?;
     m.add_class::<Attempt>()?;
+    m.add_class::<Lease>()?;
     m.add_class::<Backend>()?;
     m.add_class::<FailureInfo>()?;
     m.add_class::<Diagnosis>()?;

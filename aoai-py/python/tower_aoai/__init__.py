@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._core import MAX_ERROR_BODY, Attempt, Backend, Call, Diagnosis, Engine, Failure, __version__
+from ._core import MAX_ERROR_BODY, Attempt, Backend, Call, Diagnosis, Engine, Failure, Lease, __version__
 from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
 from ._transports import AsyncTransport, Transport
 
@@ -57,6 +57,7 @@ __all__ = [
     "Engine",
     "Failure",
     "HttpxTransport",
+    "Lease",
     "NoBackendError",
     "OverloadedError",
     "TowerAoaiError",

@@ -10,6 +10,7 @@ __all__ = [
     "Diagnosis",
     "Engine",
     "Failure",
+    "Lease",
     "_run_retry_layer",
     "MAX_ERROR_BODY",
     "__version__",
@@ -76,7 +77,9 @@ class Engine:
 
     # Defaults (from the Rust core): max_attempts 5, deadline 120 s, max_wait 60 s, backoff 0.5 s
     # doubling to 8 s, hint_jitter 0.1, budget 10 s window, 10 retries/s, ratio 0.2; concurrency
-    # starts at 4 within [1, 256]; no known rpm/tpm (learned from headers); queue_timeout 30 s.
+    # starts at 4 within [1, 256]; no known rpm/tpm (learned from headers); queue_timeout 30 s;
+    # async calls hedged after the p95 latency (hedge_quantile 0.95; None turns hedging off) once a
+    # backend has 20 samples, at most 5 % extra requests (hedge_budget 0.05) over 10 s.
     def __new__(
         cls,
         *,
@@ -100,6 +103,9 @@ class Engine:
         chars_per_token: float | None = None,
         prompt_share: float | None = None,
         default_completion_tokens: int | None = None,
+        hedge_quantile: float | None = ...,
+        hedge_min_samples: int = ...,
+        hedge_budget: float = ...,
     ) -> Engine: ...
     def start(self, body: bytes | None = None, origin: str | None = None) -> Call:
         """Opens a call: one user request, however many attempts it takes. ``body`` feeds the
@@ -140,6 +146,12 @@ class Engine:
     def tpm(self) -> float | None: ...
     @property
     def queue_timeout(self) -> float: ...
+    @property
+    def hedge_quantile(self) -> float | None: ...
+    @property
+    def hedge_min_samples(self) -> int: ...
+    @property
+    def hedge_budget(self) -> float: ...
     def budget_remaining(self) -> int:
         """Retries the budget still allows now."""
     def stats(self) -> dict[str, Any]:
@@ -168,6 +180,12 @@ class Call:
     def tokens(self) -> int: ...
     def remaining(self) -> float | None:
         """Seconds left before the call's deadline (None: no deadline)."""
+    def forget(self) -> None:
+        """Ends the call: it leaves the permit queue (queue_depth) if it waited there. Idempotent."""
+    def hedge_delay(self, primary: Attempt) -> float | None:
+        """Seconds to let ``primary`` run before hedging it; None when the call is not hedged."""
+    def hedge(self, primary: Attempt) -> Attempt | None:
+        """A hedge of the running ``primary`` to another backend, if the hedge budget allows one."""
 
 @final
 class Attempt:
@@ -183,6 +201,8 @@ class Attempt:
     def open(self) -> bool: ...
     @property
     def support_request(self) -> str | None: ...
+    @property
+    def hedge(self) -> bool: ...
     def rewrite(
         self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
     ) -> tuple[str, list[tuple[bytes, bytes]], bytes | None]:
@@ -193,11 +213,34 @@ class Attempt:
         headers: Iterable[tuple[bytes, bytes]],
         body_prefix: bytes | None = None,
     ) -> _After:
-        """Decides what follows a response."""
+        """Decides what follows a response; the permit goes back now."""
+    def on_response_streamed(
+        self,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]],
+        body_prefix: bytes | None = None,
+    ) -> tuple[_After, Lease | None]:
+        """Decides what follows a response whose body is handed up as a stream: a success keeps
+        its permit in the Lease until the body ends; any other outcome gives it back now."""
     def on_error(self, kind: Literal["timeout", "connect"]) -> _After:
         """Decides what follows an attempt that got no response."""
     def cancel(self) -> None:
         """Ends the attempt without an outcome; its permit goes back. Idempotent."""
+
+@final
+class Lease:
+    """A success's permit, held while its body is read; dropped while open, it is cancelled."""
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def open(self) -> bool: ...
+    def finish(self) -> bool:
+        """The body was read to its end (a success). Whether this ended the lease."""
+    def fail(self) -> bool:
+        """The body broke off (a connection failure). Whether this ended the lease."""
+    def cancel(self) -> bool:
+        """The body was closed early (no outcome). Whether this ended the lease."""
 
 @final
 class Failure:

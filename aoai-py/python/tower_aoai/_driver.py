@@ -6,6 +6,11 @@ Every decision comes from the Rust engine (``tower_aoai._core``): the loop asks 
 and carries the answer out (send an attempt, rewritten through Rust for its backend; sleep; wait
 for another attempt to end; raise), then feeds each attempt's outcome back. It reads only the
 start of error bodies, never a success body.
+
+A success's body is handed up wrapped so that it keeps the attempt's concurrency permit (a
+``Lease``) until it is read to its end, breaks off, is closed or is garbage-collected, as the Rust
+limit layer's body does: a streaming call holds its slot while it streams. The async loop also
+hedges a slow attempt with a second one to another backend when the engine says so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure
+from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure, Lease
 from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
 
 if TYPE_CHECKING:
@@ -41,6 +46,9 @@ if TYPE_CHECKING:
         budget_min_per_sec: int
         budget_ratio: float
         seed: int | None
+        hedge_quantile: float | None
+        hedge_min_samples: int
+        hedge_budget: float
         backends: list[Backend] | None
         initial_concurrency: int | None
         min_concurrency: int
@@ -108,6 +116,73 @@ def _prefixed_stream_class(http: ModuleType) -> type:
             await self._original.aclose()
 
     return PrefixedStream
+
+
+@functools.cache
+def _leased_stream_class(http: ModuleType) -> type:
+    """A success's response stream (sync and async) for ``http`` that holds the attempt's
+    :class:`Lease` until the body ends: read to its end (``finish``), broken off by a transport
+    error (``fail``), or closed, abandoned or garbage-collected first (``cancel``). The first end
+    counts; it then calls ``ended`` (which wakes the calls queued for a permit)."""
+
+    class LeasedStream(http.SyncByteStream, http.AsyncByteStream):  # type: ignore[name-defined,misc]
+        def __init__(self, stream: Any, lease: Lease, ended: Callable[[], None]) -> None:
+            self._stream = stream
+            self._lease: Lease | None = lease
+            self._ended = ended
+
+        def _end(self, how: str) -> None:
+            lease, self._lease = self._lease, None
+            if lease is not None and getattr(lease, how)():
+                self._ended()
+
+        def __iter__(self) -> Iterator[bytes]:
+            try:
+                for chunk in self._stream:
+                    yield chunk
+            except http.TransportError:
+                self._end("fail")
+                raise
+            except BaseException:  # closed early (GeneratorExit), interrupted
+                self._end("cancel")
+                raise
+            self._end("finish")
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            try:
+                async for chunk in self._stream:
+                    yield chunk
+            except http.TransportError:
+                self._end("fail")
+                raise
+            except BaseException:  # closed early (GeneratorExit), cancelled
+                self._end("cancel")
+                raise
+            self._end("finish")
+
+        def close(self) -> None:
+            try:
+                if hasattr(self._stream, "close"):
+                    self._stream.close()
+            finally:
+                self._end("cancel")  # a no-op once the body ended
+
+        async def aclose(self) -> None:
+            try:
+                if hasattr(self._stream, "aclose"):
+                    await self._stream.aclose()
+            finally:
+                self._end("cancel")
+
+        def __del__(self) -> None:
+            # A response nobody read to the end nor closed: its permit goes back when it is
+            # collected (the Lease's own drop would too, without waking the queued calls).
+            try:
+                self._end("cancel")
+            except Exception:  # the event loop may be gone at interpreter exit
+                pass
+
+    return LeasedStream
 
 
 def _for_classification(prefix: bytes, response: Any) -> bytes:
@@ -215,6 +290,10 @@ def _log_wait(request: Any, kind: str, seconds: float) -> None:
         logger.debug("%s: %s %.3f s before the next attempt", _where(request), kind, seconds)
 
 
+#: What one attempt came to: (response or None, transport error or None, the engine's decision).
+_Sent = tuple[Any, "BaseException | None", Any]
+
+
 class _Base:
     _http: ClassVar[ModuleType]
     _engine: Engine
@@ -296,13 +375,17 @@ class SyncDriver(_Base):
             elif step == "queue":
                 assert isinstance(value, float)
                 _log_wait(request, "queueing for a permit up to", value)
-                with self._ended:
-                    self._queued += 1
-                    try:
-                        if self._ends == seen:
-                            self._ended.wait(value)
-                    finally:
-                        self._queued -= 1
+                try:
+                    with self._ended:
+                        self._queued += 1
+                        try:
+                            if self._ends == seen:
+                                self._ended.wait(value)
+                        finally:
+                            self._queued -= 1
+                except BaseException:
+                    call.forget()  # it leaves the queue (queue_depth) now, not when collected
+                    raise
             else:
                 assert isinstance(value, Failure)
                 logger.info("%s: %s", _where(request), value.message)
@@ -316,11 +399,13 @@ class SyncDriver(_Base):
             response = self._inner.handle_request(sent)
             if call.needs_body(response.status_code):
                 prefix = self._read_prefix(response, call)
-                after = attempt.on_response(
+                after, lease = attempt.on_response_streamed(
                     response.status_code, response.headers.raw, _for_classification(prefix, response)
                 )
             else:
-                after = attempt.on_response(response.status_code, response.headers.raw)
+                after, lease = attempt.on_response_streamed(response.status_code, response.headers.raw)
+            if lease is not None:
+                response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:
@@ -372,10 +457,15 @@ class SyncDriver(_Base):
 
 
 class AsyncDriver(_Base):
-    """The asynchronous call loop (``handle_async_request``)."""
+    """The asynchronous call loop (``handle_async_request``), with hedging: when the engine gives
+    an attempt a hedge delay and the attempt is still running after it, a second attempt goes to
+    another backend (if the hedge budget allows); the first successful answer wins and the other
+    attempt is cancelled (its request task cancelled, its connection closed, its permit back)."""
 
     _sleep: Callable[[float], Awaitable[None]]
     _waiters: list[asyncio.Future[None]]
+    #: Whether calls may be hedged at all (several backends, hedging on).
+    _hedges: bool
 
     def _setup(
         self,
@@ -390,6 +480,8 @@ class AsyncDriver(_Base):
         self._waiters = []
         self._ends = 0
         self._urls = {}
+        e = self._engine
+        self._hedges = not e.passthrough and len(e.backends) > 1 and e.hedge_quantile is not None
 
     async def handle_async_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
@@ -400,12 +492,16 @@ class AsyncDriver(_Base):
             step, value = call.next()
             if step == "send":
                 assert isinstance(value, Attempt)
-                try:
-                    response, error, after = await self._attempt(request, call, value)
-                finally:
-                    value.cancel()  # a no-op once the attempt has its outcome
-                    self._attempt_ended()
-                _log_attempt(request, call, value, response, after)
+                delay = call.hedge_delay(value) if self._hedges else None
+                if delay is None:
+                    try:
+                        response, error, after = await self._attempt(request, call, value)
+                    finally:
+                        value.cancel()  # a no-op once the attempt has its outcome
+                        self._attempt_ended()
+                    _log_attempt(request, call, value, response, after)
+                else:
+                    response, error, after = await self._race(request, call, value, delay)
                 action = after[0]
                 if action == "retry":
                     if response is not None:
@@ -424,7 +520,11 @@ class AsyncDriver(_Base):
                 assert isinstance(value, float)
                 _log_wait(request, "queueing for a permit up to", value)
                 if self._ends == seen:
-                    await self._queue(value)
+                    try:
+                        await self._queue(value)
+                    except BaseException:
+                        call.forget()  # it leaves the queue (queue_depth) now, not when collected
+                        raise
             else:
                 assert isinstance(value, Failure)
                 logger.info("%s: %s", _where(request), value.message)
@@ -448,6 +548,66 @@ class AsyncDriver(_Base):
             if not waiter.done():
                 waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
+    async def _race(self, request: Any, call: Call, primary: Attempt, delay: float) -> _Sent:
+        """Runs `primary`, hedged after `delay` s if it is still running and the engine allows a
+        hedge; returns the winner's (response, error, decision). The first answer that ends the
+        call wins (a success, or an answer retrying cannot help); a failure waits for the other
+        attempt. The loser's task is cancelled, its response closed and its permit given back."""
+        first: asyncio.Future[_Sent] = asyncio.ensure_future(self._attempt(request, call, primary))
+        attempts: dict[asyncio.Future[_Sent], Attempt] = {first: primary}
+        consumed: set[asyncio.Future[_Sent]] = set()
+        try:
+            early, _ = await asyncio.wait({first}, timeout=delay)
+            if not early:
+                hedge = call.hedge(primary)
+                if hedge is not None:
+                    if logger.isEnabledFor(logging.DEBUG):
+                        logger.debug(
+                            "%s: backend %s slower than %.3f s; hedging to backend %s",
+                            _where(request),
+                            primary.backend,
+                            delay,
+                            hedge.backend,
+                        )
+                    attempts[asyncio.ensure_future(self._attempt(request, call, hedge))] = hedge
+            pending = set(attempts)
+            results: list[tuple[Attempt, Any, BaseException | None, Any]] = []
+            final: list[tuple[Attempt, Any, BaseException | None, Any]] = []
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    consumed.add(task)
+                    response, error, after = task.result()
+                    results.append((attempts[task], response, error, after))
+                    _log_attempt(request, call, attempts[task], response, after)
+                # A success (or an answer retrying cannot help) ends the call at once; a failure
+                # waits for the other attempt.
+                final = [r for r in results if r[3][0] != "retry"]
+                if final:
+                    break
+            final.sort(key=lambda r: r[3][0] != "return")
+            winner = final[0] if final else results[-1]
+            for result in results:
+                if result is not winner and result[1] is not None:
+                    await result[1].aclose()  # a losing success gives its permit back here
+            return winner[1], winner[2], winner[3]
+        finally:
+            # The loser (or both, when the caller is cancelled): cancel its request, which closes
+            # its connection; a response that arrived meanwhile is closed; its permit goes back.
+            left = [t for t in attempts if t not in consumed]
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
+            for task in left:
+                if not task.cancelled() and task.exception() is None and task.result()[0] is not None:
+                    await task.result()[0].aclose()
+            for attempt in attempts.values():
+                if attempt.open and logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("%s: cancelled the attempt to backend %s", _where(request), attempt.backend)
+                attempt.cancel()  # a no-op once the attempt has its outcome
+            self._attempt_ended()
+
     async def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
         sent = _rewrite(self._http, self._urls, request, attempt) if attempt.rewrites else request
@@ -456,11 +616,13 @@ class AsyncDriver(_Base):
             response = await self._inner.handle_async_request(sent)
             if call.needs_body(response.status_code):
                 prefix = await self._read_prefix(response, call)
-                after = attempt.on_response(
+                after, lease = attempt.on_response_streamed(
                     response.status_code, response.headers.raw, _for_classification(prefix, response)
                 )
             else:
-                after = attempt.on_response(response.status_code, response.headers.raw)
+                after, lease = attempt.on_response_streamed(response.status_code, response.headers.raw)
+            if lease is not None:
+                response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:

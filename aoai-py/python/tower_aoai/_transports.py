@@ -32,7 +32,10 @@ class Transport(SyncDriver, httpx2.BaseTransport):
 
     When it gives up it returns the last response with ``x-should-retry: false``, so the openai
     SDK above it does not retry again; when no backend can serve it raises a
-    :class:`tower_aoai.TowerAoaiError`. Success bodies are never read: streams pass through.
+    :class:`tower_aoai.TowerAoaiError`. Success bodies are never read: streams pass through, and a
+    success keeps its concurrency permit until its body is read to the end, closed or collected
+    (a streaming call holds its slot while it streams). This synchronous transport does not hedge
+    (a second attempt would need a thread per call); :class:`AsyncTransport` does.
     """
 
     _http: ClassVar[ModuleType] = httpx2
@@ -57,7 +60,10 @@ class AsyncTransport(AsyncDriver, httpx2.AsyncBaseTransport):
     """The asynchronous :class:`Transport`, for ``httpx2.AsyncClient`` (``openai.AsyncAzureOpenAI``).
 
     Wraps ``transport`` (default ``httpx2.AsyncHTTPTransport()``); ``sleep`` (default
-    ``asyncio.sleep``) carries out waits.
+    ``asyncio.sleep``) carries out waits. With several backends it hedges a slow attempt
+    (``hedge_quantile``, ``hedge_min_samples``, ``hedge_budget``): after the backends' latency
+    quantile a second attempt goes to another usable backend, the first successful answer wins
+    and the other attempt is cancelled (its connection closed, its permit given back).
     """
 
     _http: ClassVar[ModuleType] = httpx2

@@ -627,6 +627,10 @@ impl Engine {
         } else {
             self.observe(&ticket, &class, Some(headers), now, wall_now);
             let latency = now.saturating_duration_since(ticket.sent_at);
+            if ticket.hedge && class.outcome == Outcome::Success {
+                let name = self.router.backends().get(id).name().to_owned();
+                self.stats.record_hedge_win(&name);
+            }
             if lease && class.outcome == Outcome::Success {
                 kept = Some(Lease {
                     backend: id,
@@ -1281,6 +1285,8 @@ mod tests {
         assert_eq!(ok(&mut e, &mut call, hedge, th), After::Return);
         e.on_cancel(primary, th);
         let stats = e.stats(th, wall());
+        let w = stats.backend("west").unwrap();
+        assert_eq!((w.hedges, w.hedge_wins), (1, 1));
         assert_eq!(stats.backend("east").unwrap().gauges.in_flight, 0);
         assert_eq!(stats.backend("west").unwrap().gauges.in_flight, 0);
     }
