@@ -137,7 +137,7 @@ def priority_lb(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str, An
         backends.append(Backend(host, t["tier"] + 1, f"r/{t['resource']}", t["api_key"]))
     lb = AsyncLoadBalancer(backends)
     t0 = targets[0]
-    client = openai.AsyncAzureOpenAI(
+    client = openai.AsyncAzureOpenAI(  # type: ignore[call-overload]  # openai < 3 takes httpx
         azure_endpoint=spec["server"],
         api_key=t0["api_key"],
         api_version=API_VERSION,

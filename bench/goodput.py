@@ -368,10 +368,10 @@ def main() -> int:
 
         if args.parallel:
             threads = [threading.Thread(target=one, args=(c,)) for c in runnable]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
         else:
             for c in runnable:
                 one(c)
@@ -406,9 +406,9 @@ def main() -> int:
             "bound": bound,
             "rows": rows,
         }
-        t = table(name, rows, bound, ncalls)
-        tables.append(t)
-        print(t, end="\n\n", flush=True)
+        text = table(name, rows, bound, ncalls)
+        tables.append(text)
+        print(text, end="\n\n", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.is_file():
