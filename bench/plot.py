@@ -34,8 +34,8 @@ COLOURS = {
 
 def main() -> int:
     src, dst = sys.argv[1], sys.argv[2]
-    with open(src) as f:
-        data: dict[str, Any] = json.load(f)
+    with open(src) as fh:
+        data: dict[str, Any] = json.load(fh)
     scenarios = list(data["scenarios"])
     panels = [
         ("success_rate", "calls that succeeded (%)", lambda v: v * 100, False),
