@@ -39,7 +39,7 @@ def main() -> int:
     scenarios = list(data["scenarios"])
     panels = [
         ("success_rate", "calls that succeeded (%)", lambda v: v * 100, False),
-        ("per100_429", "429s per 100 successes (server side)", lambda v: v, True),
+        ("per100_429", "429s per 100 successes (server side, log scale; 0 drawn at 0.1)", lambda v: v, True),
         ("latency_p99_s", "p99 latency of successes (simulated s)", lambda v: v, False),
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 11), constrained_layout=True)
