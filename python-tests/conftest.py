@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +36,9 @@ class Reply:
     gate: threading.Event | None = None
     #: Seconds to wait before answering (to provoke client timeouts).
     delay: float = 0.0
+    #: When set, the server holds the answer until this is set, watching the connection: a
+    #: client that drops it is recorded (`ScriptedServer.dropped`) and gets no answer.
+    hold: threading.Event | None = None
 
 
 @dataclass
@@ -131,6 +137,14 @@ class ScriptedServer:
         #: Requests being answered now, and the most at once since `play`.
         self.in_flight = 0
         self.max_in_flight = 0
+        #: Requests whose answer is not fully written yet (a stream counts until its last chunk),
+        #: and the most at once since `play`.
+        self.open = 0
+        self.max_open = 0
+        #: When the last chunk of the latest stream started to be written (monotonic).
+        self.last_chunk_at: float | None = None
+        #: Set when a client drops the connection of a held request.
+        self.dropped = threading.Event()
         self._generation = 0
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, 0), self._handler())
@@ -147,8 +161,12 @@ class ScriptedServer:
             self._generation += 1
             self.in_flight = 0
             self.max_in_flight = 0
+            self.open = 0
+            self.max_open = 0
+            self.last_chunk_at = None
         self.stream_finished.clear()
         self.hit.clear()
+        self.dropped.clear()
 
     def waits(self) -> list[float]:
         """Seconds between consecutive hits, as the server saw them."""
@@ -164,6 +182,8 @@ class ScriptedServer:
             self.hits.append(hit)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
             reply = self.script[min(index, len(self.script) - 1)]
             generation = self._generation
         self.hit.set()
@@ -173,6 +193,20 @@ class ScriptedServer:
         with self._lock:
             if generation == self._generation:
                 self.in_flight -= 1
+
+    def _closed(self, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation:
+                self.open -= 1
+
+    def _hold(self, connection: socket.socket, hold: threading.Event) -> bool:
+        """Waits for `hold`; `False` if the client dropped the connection first."""
+        deadline = time.monotonic() + GATE_TIMEOUT
+        while not hold.wait(0.005) and time.monotonic() < deadline:
+            readable, _, _ = select.select([connection], [], [], 0)
+            if readable and connection.recv(1, socket.MSG_PEEK) == b"":
+                return False
+        return True
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -188,8 +222,19 @@ class ScriptedServer:
                 body = self.rfile.read(length) if length else b""
                 hit = Hit(time.monotonic(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 reply, generation = server._next(hit)
+                try:
+                    self._answer(reply, generation)
+                finally:
+                    server._closed(generation)
+
+            def _answer(self, reply: Reply, generation: int) -> None:
                 if reply.delay:
                     time.sleep(reply.delay)
+                if reply.hold is not None and not server._hold(self.connection, reply.hold):
+                    server._done(generation)
+                    server.dropped.set()
+                    self.close_connection = True
+                    return
                 # In flight until the answer starts: a client can only react to it after this.
                 server._done(generation)
                 try:
@@ -207,6 +252,8 @@ class ScriptedServer:
                     for i, chunk in enumerate(reply.chunks):
                         if i == 1 and reply.gate is not None:
                             reply.gate.wait(GATE_TIMEOUT)
+                        if i == len(reply.chunks) - 1:
+                            server.last_chunk_at = time.monotonic()
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
@@ -285,3 +332,36 @@ def async_sleep() -> AsyncFakeSleep:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+class QueueLog(logging.Handler):
+    """Counts the transport's "queueing for a permit" debug lines: a test waits on it to know
+    that a call is in the permit queue, without sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "queueing for a permit" in record.getMessage():
+            with self._changed:
+                self.count += 1
+                self._changed.notify_all()
+
+    def wait_for(self, n: int, timeout: float = GATE_TIMEOUT) -> bool:
+        """Whether `n` calls queued within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= n, timeout)
+
+
+@pytest.fixture
+def queue_log() -> Iterator[QueueLog]:
+    handler = QueueLog()
+    logger = logging.getLogger("tower_aoai")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
