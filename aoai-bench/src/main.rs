@@ -81,6 +81,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run only the variants whose name contains this (and the bare client).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Serve the overhead run's zero-latency answer on 127.0.0.1 until stdin closes (for
     /// `bench/overhead.py`); prints `listening on http://127.0.0.1:PORT`.
@@ -154,7 +157,9 @@ fn run(cli: Cli) -> Result<(), String> {
             rounds,
             concurrency,
             json,
+            only,
         } => {
+            let only: Option<&'static str> = only.map(|s| &*Box::leak(s.into_boxed_str()));
             if requests == 0 || rounds == 0 || concurrency.iter().any(|c| *c == 0 || *c > 1024) {
                 return Err(
                     "--requests, --rounds and --concurrency must be positive (concurrency <= 1024)"
@@ -167,6 +172,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     requests,
                     rounds,
                     concurrency: c,
+                    only,
                 };
                 runs.push(overhead::run(options).map_err(|e| format!("overhead: {e}"))?);
             }

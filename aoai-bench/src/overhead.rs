@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, ServiceExt};
 use tower_aoai::policy::RetryPolicy;
-use tower_aoai::policy::route::{Backend, Backends, RoutePolicy};
+use tower_aoai::policy::route::{Backend, Backends, HedgePolicy, RoutePolicy};
 use tower_aoai::stack::Stack;
 use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
 
@@ -32,6 +32,8 @@ pub struct Options {
     pub rounds: usize,
     /// Concurrent callers.
     pub concurrency: usize,
+    /// Run only the variants whose name contains this (the bare client always runs).
+    pub only: Option<&'static str>,
 }
 
 const BODY: &[u8] = br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
@@ -113,6 +115,14 @@ fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
             .layer(route.layer_each(limited))
             .and_then(drain)
     };
+    let full_no_hedge = {
+        let limited = vec![AdaptiveConcurrencyLayer::default().layer(client())];
+        let policy = RoutePolicy::default().with_hedge(HedgePolicy::disabled());
+        let route = RouteLayer::new(Backends::new(vec![backend()])?, policy);
+        RetryLayer::new(RetryPolicy::default())
+            .layer(route.layer_each(limited))
+            .and_then(drain)
+    };
     Ok(vec![
         ("bare hyper client", BoxCloneSyncService::new(bare)),
         ("RetryLayer", BoxCloneSyncService::new(retry)),
@@ -124,6 +134,10 @@ fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
         (
             "full stack (retry + route + limit)",
             BoxCloneSyncService::new(full),
+        ),
+        (
+            "full stack, hedging off",
+            BoxCloneSyncService::new(full_no_hedge),
         ),
     ])
 }
@@ -194,7 +208,14 @@ pub fn run(options: Options) -> Result<Value, BoxError> {
 async fn measure(addr: SocketAddr, options: Options) -> Result<Value, BoxError> {
     let base = format!("http://{addr}");
     let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
-    let variants = variants(&base)?;
+    let mut variants = variants(&base)?;
+    if let Some(only) = options.only {
+        let mut i = 0;
+        variants.retain(|(name, _)| {
+            i += 1;
+            i == 1 || name.contains(only)
+        });
+    }
     // Warm-up: connections open, limits grown out of slow start, caches warm.
     for (_, svc) in &variants {
         round(svc, &url, options.requests.min(2000), options.concurrency).await?;
