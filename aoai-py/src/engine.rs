@@ -514,6 +514,8 @@ impl Engine {
     }
 
     /// Counters and gauges per backend, and recent 403 support records, as plain dicts.
+    /// `in_flight` counts attempts holding a permit (a success until its body ends),
+    /// `queue_depth` the calls waiting for one.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let snapshot = {
             let mut core = lock(&self.shared.core);
@@ -673,7 +675,7 @@ pub(crate) struct CallState {
     wait_until: Option<Instant>,
 }
 
-/// One user request through its attempts: ask [`next`](Call::next) what to do, carry it out.
+/// One user request through its attempts: ask `next()` what to do, carry it out.
 ///
 /// `next()` answers `("send", Attempt)`, `("wait", seconds)` (sleep, then ask again),
 /// `("queue", seconds)` (wait until an attempt of this engine ends, or that long, then ask

@@ -159,7 +159,9 @@ class Engine:
         {quota, capacity, provisioned, unknown, total}, blocked, server_errors, connect_errors,
         timeouts, client_errors, headroom, headroom_before_throttle, last_throttle_at, latency:
         {count, p50, p95, p99}, gauges: {limit, in_flight, queue_depth, cooldown_until, breaker,
-        breaker_until}, region}}, "blocks": [support record, ...]}``; times in epoch seconds."""
+        breaker_until}, region}}, "blocks": [support record, ...]}``; times in epoch seconds.
+        ``in_flight`` counts attempts holding a permit (a success until its body ends),
+        ``queue_depth`` the calls waiting for one."""
     def diagnose(self) -> Diagnosis:
         """Why throttling happened, from what was observed, and the 403 support records."""
 
