@@ -1333,4 +1333,88 @@ mod tests {
             warm_up + calls
         );
     }
+
+    /// Random interleavings of calls that stream, fail, hedge, queue and are dropped: the gauges
+    /// always count exactly the permits held (tickets and leases) and the calls queued.
+    #[test]
+    fn permits_and_queue_depth_are_conserved() {
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let config = EngineConfig {
+                limit: LimitConfig::default().with_initial(2).with_max(3),
+                queue_timeout: Duration::from_secs(5),
+                seed: Some(seed),
+                ..EngineConfig::default()
+            };
+            let mut e = Engine::new(Some(Backends::new(two_regions()).unwrap()), config).unwrap();
+            let mut t = Instant::now();
+            let mut calls: Vec<EngineCall> = Vec::new();
+            let mut tickets: Vec<(usize, Ticket)> = Vec::new();
+            let mut leases: Vec<Lease> = Vec::new();
+            for _ in 0..300 {
+                t += Duration::from_millis(rng.u64(0..50));
+                match rng.u8(0..7) {
+                    0 | 1 => calls.push(e.start(t, b"{}", None)),
+                    2 if !calls.is_empty() => {
+                        let i = rng.usize(0..calls.len());
+                        if let Next::Send(ticket) = e.next(&mut calls[i], t) {
+                            if rng.bool() {
+                                let primary = ticket.backend();
+                                if let Some(h) = e.hedge(&mut calls[i], primary, t) {
+                                    tickets.push((i, h));
+                                }
+                            }
+                            tickets.push((i, ticket));
+                        }
+                    }
+                    3 if !tickets.is_empty() => {
+                        let (i, ticket) = tickets.swap_remove(rng.usize(0..tickets.len()));
+                        let status = if rng.bool() {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        };
+                        let (_, lease) = e.on_response_streamed(
+                            &mut calls[i],
+                            ticket,
+                            status,
+                            &HeaderMap::new(),
+                            Some(b"{}"),
+                            t,
+                            wall(),
+                        );
+                        leases.extend(lease);
+                    }
+                    4 if !tickets.is_empty() => {
+                        let (_, ticket) = tickets.swap_remove(rng.usize(0..tickets.len()));
+                        e.on_cancel(ticket, t);
+                    }
+                    5 if !leases.is_empty() => {
+                        let lease = leases.swap_remove(rng.usize(0..leases.len()));
+                        let end =
+                            [BodyEnd::Finished, BodyEnd::Failed, BodyEnd::Dropped][rng.usize(0..3)];
+                        e.end_body(lease, end, t);
+                    }
+                    6 if !calls.is_empty() => {
+                        // A call abandoned (its tickets stay with the driver, which ends them).
+                        let i = rng.usize(0..calls.len());
+                        e.forget(&mut calls[i]);
+                    }
+                    _ => {}
+                }
+                let queued = calls.iter().filter(|c| c.is_queued()).count();
+                let held = tickets.len() + leases.len();
+                let stats = e.stats(t, wall());
+                let (in_flight, depth) = ["east", "west"].iter().fold((0, 0), |acc, name| {
+                    let g = &stats
+                        .backend(name)
+                        .map(|b| b.gauges.clone())
+                        .unwrap_or_default();
+                    (acc.0 + g.in_flight as usize, acc.1 + g.queue_depth as usize)
+                });
+                assert_eq!(in_flight, held, "seed {seed}");
+                assert_eq!(depth, queued, "seed {seed}");
+            }
+        }
+    }
 }
