@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::policy::diagnose::{self, Diagnosis};
+use crate::policy::headers;
 use crate::policy::stats::{Attempt, Stats};
 
 /// A [`Stats`] shared by the layers of a stack (cheap to clone).
@@ -59,13 +60,13 @@ fn emit(attempt: &Attempt<'_>) {
     let outcome = attempt.class.outcome.as_str();
     let apim_request_id = attempt
         .headers
-        .and_then(|h| h.get("apim-request-id"))
+        .and_then(|h| h.get(headers::APIM_REQUEST_ID))
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 64);
     let region = attempt.region.or_else(|| {
         attempt
             .headers
-            .and_then(|h| h.get("x-ms-region"))
+            .and_then(|h| h.get(headers::MS_REGION))
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.len() <= 64)
     });

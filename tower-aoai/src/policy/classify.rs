@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use http::{HeaderMap, StatusCode};
 
+use super::headers;
 use super::hints::{self, DelayHint, HintSource};
 
 /// How much of an error body is read to classify it. Azure's error bodies are a few hundred bytes;
@@ -176,9 +177,10 @@ pub fn classify_response(
         _ => Outcome::Fatal(FatalKind::Unexpected),
     };
     let default_retryable = matches!(outcome, Outcome::Throttled(_) | Outcome::Transient(_));
-    let retryable = match should_retry_header(headers) {
-        Some(says) if outcome != Outcome::Success => says,
-        _ => default_retryable,
+    let retryable = if outcome == Outcome::Success {
+        false
+    } else {
+        should_retry_header(headers).unwrap_or(default_retryable)
     };
     let hint = if outcome == Outcome::Success {
         None
@@ -211,7 +213,7 @@ pub fn classify_error(error: TransportError) -> Classification {
 }
 
 fn should_retry_header(headers: &HeaderMap) -> Option<bool> {
-    let value = headers.get("x-should-retry")?.as_bytes();
+    let value = headers.get(headers::SHOULD_RETRY)?.as_bytes();
     if value.eq_ignore_ascii_case(b"true") {
         Some(true)
     } else if value.eq_ignore_ascii_case(b"false") {
@@ -226,7 +228,7 @@ fn throttle_cause(headers: &HeaderMap, error: &ErrorBody) -> ThrottleCause {
     // before provisioned.
     if error.mentions("high demand") || error.mentions("peak load") {
         ThrottleCause::Capacity
-    } else if headers.contains_key("azure-openai-deployment-utilization")
+    } else if headers.contains_key(headers::DEPLOYMENT_UTILIZATION)
         || error.mentions("provisioned deployment")
         || error.mentions("provisioned throughput deployment")
         || error.mentions("utilization")
@@ -235,7 +237,7 @@ fn throttle_cause(headers: &HeaderMap, error: &ErrorBody) -> ThrottleCause {
     } else if error.mentions("rate limit")
         || error.mentions("quota")
         || headers
-            .get("policy-id")
+            .get(headers::POLICY_ID)
             .is_some_and(|v| v.as_bytes().starts_with(b"DeploymentRatelimit"))
     {
         ThrottleCause::Quota

@@ -12,7 +12,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+use super::headers;
 
 /// The longest delay a hint may express; a larger value is treated as garbage ("no hint").
 ///
@@ -63,10 +65,10 @@ pub struct DelayHint {
 }
 
 /// The reset headers, in the order they are consulted (the longest delay among them wins).
-const RESET_HEADERS: [&str; 3] = [
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
-    "x-rate-limit-reset-tokens",
+const RESET_HEADERS: [HeaderName; 3] = [
+    headers::RESET_REQUESTS,
+    headers::RESET_TOKENS,
+    headers::RESET_TOKENS_AZURE,
 ];
 
 /// Reads the server's delay hint from response headers.
@@ -75,7 +77,7 @@ const RESET_HEADERS: [&str; 3] = [
 /// delay. Returns `None` when no header carries a usable (positive) delay.
 pub fn delay_hint(headers: &HeaderMap, wall_now: SystemTime) -> Option<DelayHint> {
     if let Some(delay) = headers
-        .get("retry-after-ms")
+        .get(headers::RETRY_AFTER_MS)
         .and_then(|v| parse_retry_after_ms(v.as_bytes()))
     {
         return Some(DelayHint {
@@ -83,7 +85,7 @@ pub fn delay_hint(headers: &HeaderMap, wall_now: SystemTime) -> Option<DelayHint
             source: HintSource::RetryAfterMs,
         });
     }
-    if let Some(value) = headers.get("retry-after") {
+    if let Some(value) = headers.get(headers::RETRY_AFTER) {
         if let Some(delay) = parse_seconds(value.as_bytes()) {
             return Some(DelayHint {
                 delay,
@@ -99,7 +101,7 @@ pub fn delay_hint(headers: &HeaderMap, wall_now: SystemTime) -> Option<DelayHint
     }
     RESET_HEADERS
         .iter()
-        .filter_map(|name| headers.get(*name))
+        .filter_map(|name| headers.get(name))
         .filter_map(|v| parse_reset(v.as_bytes()))
         .max()
         .map(|delay| DelayHint {

@@ -19,6 +19,7 @@ pub mod budget;
 pub mod classify;
 pub mod diagnose;
 pub mod engine;
+pub mod headers;
 pub mod hints;
 pub mod limit;
 pub mod pacing;

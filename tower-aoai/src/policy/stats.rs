@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use super::classify::{Classification, Outcome, ThrottleCause, TransientKind};
+use super::headers;
 use super::route::blocked::SupportRecord;
 use super::route::hedge::LatencyHistogram;
 use super::route::{Availability, BackendId, BreakerState, Router};
@@ -81,17 +82,17 @@ impl Headroom {
     /// Reads the rate-limit headers; `None` when the response carries none of them. Values that
     /// are not plain non-negative integers are ignored.
     pub fn from_headers(headers: &HeaderMap, wall_now: SystemTime) -> Option<Self> {
-        let read = |name: &str| {
+        let read = |name: HeaderName| {
             let value = headers.get(name)?.to_str().ok()?.trim();
             (value.len() <= 20)
                 .then(|| value.parse::<u64>().ok())
                 .flatten()
         };
         let headroom = Self {
-            remaining_requests: read("x-ratelimit-remaining-requests"),
-            remaining_tokens: read("x-ratelimit-remaining-tokens"),
-            limit_requests: read("x-ratelimit-limit-requests"),
-            limit_tokens: read("x-ratelimit-limit-tokens"),
+            remaining_requests: read(headers::REMAINING_REQUESTS),
+            remaining_tokens: read(headers::REMAINING_TOKENS),
+            limit_requests: read(headers::LIMIT_REQUESTS),
+            limit_tokens: read(headers::LIMIT_TOKENS),
             seen_at: Some(wall_now),
         };
         (headroom.remaining_requests.is_some()
@@ -255,7 +256,7 @@ impl Stats {
         }
         if let Some(region) = attempt
             .headers
-            .and_then(|h| h.get("x-ms-region"))
+            .and_then(|h| h.get(headers::MS_REGION))
             .and_then(|v| v.to_str().ok())
             .filter(|r| !r.is_empty() && r.len() <= 64)
             && attempt.region.is_none()
@@ -334,7 +335,12 @@ impl Stats {
         } else {
             "(other)"
         };
-        self.backends.entry(name.to_owned()).or_default()
+        // The key is allocated once, when a backend is first seen, not on every attempt.
+        if !self.backends.contains_key(name) {
+            self.backends
+                .insert(name.to_owned(), BackendStats::default());
+        }
+        self.backends.get_mut(name).expect("inserted above")
     }
 }
 

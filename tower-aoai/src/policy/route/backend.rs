@@ -9,17 +9,18 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use crate::policy::ConfigError;
+use crate::policy::headers;
 
 /// The most backends one router holds (a call remembers the backends it tried in a 64-bit set).
 pub const MAX_BACKENDS: usize = 64;
 
 /// Request headers that carry a secret: every one is removed before a request is sent, so a key
 /// given for one backend never reaches another backend's host.
-const AUTH_HEADERS: [&str; 4] = [
-    "api-key",
-    "authorization",
-    "ocp-apim-subscription-key",
-    "x-api-key",
+const AUTH_HEADERS: [HeaderName; 4] = [
+    headers::API_KEY,
+    AUTHORIZATION,
+    HeaderName::from_static("ocp-apim-subscription-key"),
+    HeaderName::from_static("x-api-key"),
 ];
 
 /// A source of bearer tokens (Entra ID, OpenAI keys), called for every attempt so it can refresh.
@@ -391,15 +392,13 @@ impl Backends {
                 HeaderValue::from_str(target.authority.as_str()).map_err(|_| RewriteError::Uri)?;
             parts.headers.insert(HOST, host);
         }
-        for name in AUTH_HEADERS {
+        for name in &AUTH_HEADERS {
             parts.headers.remove(name);
         }
         match &backend.credentials {
             Credentials::None => {}
             Credentials::ApiKey(key) => {
-                parts
-                    .headers
-                    .insert(HeaderName::from_static("api-key"), key.clone());
+                parts.headers.insert(headers::API_KEY, key.clone());
             }
             Credentials::Bearer(provider) => {
                 let mut value = HeaderValue::try_from(format!("Bearer {}", provider()))

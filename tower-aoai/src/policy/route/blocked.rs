@@ -5,7 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
+
+use crate::policy::headers;
 
 /// Response headers that are never copied into a record (secrets, cookies).
 const SECRET_HEADERS: [&str; 7] = [
@@ -64,7 +66,7 @@ impl SupportRecord {
         body: &[u8],
         time: SystemTime,
     ) -> Self {
-        let header = |name: &str| {
+        let header = |name: HeaderName| {
             headers
                 .get(name)
                 .map(|v| clip(&String::from_utf8_lossy(v.as_bytes())))
@@ -85,9 +87,9 @@ impl SupportRecord {
             resource: resource.to_owned(),
             deployment: deployment.map(str::to_owned),
             region: region.map(str::to_owned),
-            ms_region: header("x-ms-region"),
-            apim_request_id: header("apim-request-id"),
-            request_id: header("x-request-id"),
+            ms_region: header(headers::MS_REGION),
+            apim_request_id: header(headers::APIM_REQUEST_ID),
+            request_id: header(headers::REQUEST_ID),
             time,
             status: status.as_u16(),
             headers: kept,
