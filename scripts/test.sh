@@ -18,6 +18,9 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 step "cargo test --workspace --all-features (unit, layer, property, simulator and doc tests)"
 cargo test --workspace --all-features
 
+step "cargo doc (broken intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
+
 step "python environment and pip install ."
 bash scripts/setup.sh
 

@@ -1,7 +1,7 @@
 //! The recommended full stack, from one builder: retry → route/hedge → limit per backend →
 //! client.
 //!
-//! - [`RetryLayer`](crate::RetryLayer) on top: Retry-After-aware, budgeted; it sees what the
+//! - [`RetryLayer`] on top: Retry-After-aware, budgeted; it sees what the
 //!   router could not serve (the last 429 with its hint, a 5xx, no usable backend) and waits and
 //!   tries again. A 403 block ([`BlockedError`](crate::policy::route::BlockedError)) is final.
 //! - [`RouteLayer`] below it: picks a backend, fails over at once inside one retry attempt,

@@ -4,7 +4,7 @@
 //! first byte for streams), four buckets per doubling from 1 ms to ~2 min, halved whenever it
 //! holds [`DECAY_AT`] samples (and by the router every 30 s) so it follows the present. A hedge is sent after the primary
 //! backend's percentile (default p95), once it has `min_samples`, while the hedge budget (a
-//! [`RetryBudget`](crate::policy::RetryBudget) at `ratio` of calls, default 5 %) allows.
+//! [`RetryBudget`] at `ratio` of calls, default 5 %) allows.
 
 use std::time::Duration;
 
