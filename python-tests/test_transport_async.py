@@ -196,3 +196,23 @@ async def test_legacy_async_httpx_transport(server: ScriptedServer, async_sleep:
     assert response.json()["choices"][0]["message"]["content"] == "legacy async"
     assert len(server.hits) == 2
     assert len(async_sleep.waits) <= 1  # a full-jitter backoff may draw (almost) nothing
+
+
+async def test_an_error_body_that_stalls_cannot_hold_the_call(server: ScriptedServer) -> None:
+    # A 429 whose body stops after its first chunk: the server holds the rest until `gate` (or
+    # its own 5 s). The call must come back on its own deadline with what arrived, not wait.
+    gate = threading.Event()
+    first = b'{"error":{"code":"429",'
+    server.play(Reply(429, {"content-type": "application/json"}, chunks=[first, b'"message":"x"}}'], gate=gate))
+    transport = tower_aoai.AsyncTransport(max_attempts=1, deadline=0.3)
+    try:
+        async with httpx2.AsyncClient(transport=transport) as client:
+            response = await client.post(f"{server.url}/openai/deployments/gpt-4o/chat/completions", content=b"{}")
+            assert response.status_code == 429
+            assert response.headers["x-should-retry"] == "false"
+            assert response.content == first
+            # It returned while the server was still holding the rest of the body.
+            assert not gate.is_set()
+            assert not server.stream_finished.is_set()
+    finally:
+        gate.set()

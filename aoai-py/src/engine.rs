@@ -686,6 +686,16 @@ pub struct Call {
     state: Arc<Mutex<CallState>>,
 }
 
+impl Call {
+    /// Time left before the call's deadline, on the engine's clock.
+    fn remaining_time(&self) -> Option<Duration> {
+        let state = lock(&self.state);
+        let deadline = state.call.deadline()?;
+        let (now, _) = lock(&self.shared.core).now();
+        Some(deadline.saturating_duration_since(now))
+    }
+}
+
 #[pymethods]
 impl Call {
     /// Whether the body of a response with this status must be read (its first
@@ -798,10 +808,13 @@ impl Call {
 
     /// Seconds left before the call's deadline (`None`: no deadline).
     fn remaining(&self) -> Option<f64> {
-        let state = lock(&self.state);
-        let deadline = state.call.deadline()?;
-        let (now, _) = lock(&self.shared.core).now();
-        Some(deadline.saturating_duration_since(now).as_secs_f64())
+        self.remaining_time().map(|r| r.as_secs_f64())
+    }
+
+    /// Seconds to wait, at most, for the start of an error body before classifying on what
+    /// arrived (the core's `error_body_wait`: 10 s, never past the deadline).
+    fn error_body_wait(&self) -> f64 {
+        tower_aoai::policy::classify::error_body_wait(self.remaining_time()).as_secs_f64()
     }
 
     fn __repr__(&self) -> String {

@@ -182,6 +182,8 @@ class Call:
     def tokens(self) -> int: ...
     def remaining(self) -> float | None:
         """Seconds left before the call's deadline (None: no deadline)."""
+    def error_body_wait(self) -> float:
+        """Seconds to wait, at most, for the start of an error body (10 s, never past the deadline)."""
     def forget(self) -> None:
         """Ends the call: it leaves the permit queue (queue_depth) if it waited there. Idempotent."""
     def hedge_delay(self, primary: Attempt) -> float | None:

@@ -63,10 +63,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tower_aoai")
 
-#: The longest the start of an error body is read before classifying on what arrived (the Rust
-#: layer uses the same bound), so a server that trickles an error body cannot stall a call.
-ERROR_BODY_TIMEOUT = 10.0
-
 
 def _engine(engine: Engine | None, settings: dict[str, Any]) -> Engine:
     if engine is None:
@@ -196,11 +192,6 @@ def _for_classification(prefix: bytes, response: Any) -> bytes:
             except zlib.error:
                 continue
     return prefix[:MAX_ERROR_BODY]
-
-
-def _read_limit(call: Call) -> float:
-    remaining = call.remaining()
-    return ERROR_BODY_TIMEOUT if remaining is None else min(ERROR_BODY_TIMEOUT, remaining)
 
 
 def _where(request: Any) -> str:
@@ -429,12 +420,14 @@ class SyncDriver(_Base):
                 self._ended.notify_all()
 
     def _read_prefix(self, response: Any, call: Call) -> bytes:
+        # A blocking read cannot be interrupted: the bound is checked between chunks, and a single
+        # stalled read is bounded by the inner transport's read timeout.
         original = response.stream
         rest = iter(original)
         chunks: list[bytes] = []
         size = 0
         done = False
-        limit = _read_limit(call)
+        limit = call.error_body_wait()
         started = time.monotonic()
         while size < MAX_ERROR_BODY:
             try:
@@ -643,17 +636,24 @@ class AsyncDriver(_Base):
         chunks: list[bytes] = []
         size = 0
         done = False
-        limit = _read_limit(call)
-        started = time.monotonic()
+        limit = call.error_body_wait()
+        deadline = time.monotonic() + limit
         while size < MAX_ERROR_BODY:
             try:
-                chunk = await rest.__anext__()
+                # Each read is bounded too, so a server that sends headers and then stalls cannot
+                # hold the call past the wait.
+                chunk = await asyncio.wait_for(rest.__anext__(), max(0.0, deadline - time.monotonic()))
             except StopAsyncIteration:
+                done = True
+                break
+            except asyncio.TimeoutError:
+                # The interrupted read ended the stream: hand up what arrived, nothing after it.
+                logger.warning("error body stalled for %.1f s; classifying on what arrived", limit)
                 done = True
                 break
             chunks.append(chunk)
             size += len(chunk)
-            if time.monotonic() - started > limit:
+            if time.monotonic() > deadline:
                 logger.warning("error body still arriving after %.1f s; classifying on what arrived", limit)
                 break
         prefix = b"".join(chunks)

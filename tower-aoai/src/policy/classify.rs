@@ -6,7 +6,7 @@
 //! one. Whether the call may be retried follows, and `x-should-retry: true|false` from the server
 //! overrides it, as the `openai` SDK does.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
@@ -16,6 +16,16 @@ use super::hints::{self, DelayHint, HintSource};
 /// How much of an error body is read to classify it. Azure's error bodies are a few hundred bytes;
 /// the rest of a larger body is left alone (and still handed to the caller).
 pub const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// The longest the start of an error body is waited for before the response is classified on
+/// what arrived: a server that sends headers and then trickles (or stalls) cannot hold a call.
+pub const MAX_ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the start of an error body, given the call's remaining time: at most
+/// [`MAX_ERROR_BODY_WAIT`], never past the deadline.
+pub fn error_body_wait(remaining: Option<Duration>) -> Duration {
+    remaining.map_or(MAX_ERROR_BODY_WAIT, |r| r.min(MAX_ERROR_BODY_WAIT))
+}
 
 /// Why a 429 (throttle) happened, as far as the client can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -313,7 +323,6 @@ impl ErrorBody {
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use std::time::Duration;
 
     const QUOTA: &str = r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."}}"#;
     const CALL_RATE: &str = r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after 1 second."}}"#;
@@ -426,6 +435,20 @@ mod tests {
         assert!(!classify(429, &[("x-should-retry", "false")], QUOTA).retryable);
         assert!(classify(400, &[("x-should-retry", "true")], "").retryable);
         assert!(classify(500, &[("x-should-retry", "maybe")], "").retryable);
+    }
+
+    #[test]
+    fn an_error_body_is_waited_for_at_most_ten_seconds_and_never_past_the_deadline() {
+        assert_eq!(error_body_wait(None), MAX_ERROR_BODY_WAIT);
+        assert_eq!(
+            error_body_wait(Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            error_body_wait(Some(Duration::from_secs(60))),
+            MAX_ERROR_BODY_WAIT
+        );
+        assert_eq!(error_body_wait(Some(Duration::ZERO)), Duration::ZERO);
     }
 
     #[test]

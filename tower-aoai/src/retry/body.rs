@@ -8,10 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::BoxError;
 
-use crate::policy::classify::MAX_ERROR_BODY;
-
-/// How long reading an error body may take, at most, before it is classified on what arrived.
-const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::policy::classify::{MAX_ERROR_BODY, error_body_wait};
 
 /// The response body of [`Retry`](super::Retry): the inner body untouched, or, for an error
 /// response whose start was read to classify it, that start followed by the rest.
@@ -92,8 +89,8 @@ where
     }
 }
 
-/// Reads the start of an error body (at most [`MAX_ERROR_BODY`] bytes, for at most the smaller of
-/// 10 s and the call's remaining time) and returns it, with a body that replays it before the rest.
+/// Reads the start of an error body (at most [`MAX_ERROR_BODY`] bytes, for at most
+/// [`error_body_wait`]: 10 s, never past the call's deadline) and returns it, with a body that replays it before the rest.
 pub(crate) async fn read_error_body<B>(
     mut body: B,
     remaining: Option<Duration>,
@@ -102,7 +99,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let limit = remaining.map_or(ERROR_BODY_TIMEOUT, |r| r.min(ERROR_BODY_TIMEOUT));
+    let limit = error_body_wait(remaining);
     let mut prefix = BytesMut::new();
     let mut trailers = None;
     let mut done = false;
