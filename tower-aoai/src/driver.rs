@@ -1,6 +1,11 @@
 //! What every tower driver in this crate needs from the runtime, written once.
 
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body;
 
 use crate::policy::classify::TransportError;
 
@@ -27,6 +32,35 @@ pub(crate) fn transport_error(error: &(dyn std::error::Error + 'static)) -> Tran
     TransportError::Connect
 }
 
+/// The whole of a request body that is already in memory (`Full`, `String`, `Bytes`): a clone is
+/// polled once per frame with a no-op waker. `None` when any frame is not ready at once or is an
+/// error: such a body is never waited for.
+pub(crate) fn in_memory_body<B>(body: &B) -> Option<Bytes>
+where
+    B: Body + Clone,
+    B::Data: Buf,
+{
+    let mut body = pin!(body.clone());
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out = BytesMut::new();
+    loop {
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(None) => return Some(out.freeze()),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(mut data) = frame.into_data() {
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        out.extend_from_slice(chunk);
+                        let n = chunk.len();
+                        data.advance(n);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +79,28 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn an_in_memory_body_is_read_and_a_pending_one_is_not_waited_for() {
+        let full = http_body_util::Full::new(Bytes::from_static(b"{\"model\":\"x\"}"));
+        assert_eq!(
+            in_memory_body(&full).as_deref(),
+            Some(&b"{\"model\":\"x\"}"[..])
+        );
+        #[derive(Clone)]
+        struct Never;
+        impl Body for Never {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                Poll::Pending
+            }
+        }
+        assert_eq!(in_memory_body(&Never), None);
     }
 
     #[test]

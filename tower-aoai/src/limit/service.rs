@@ -3,20 +3,19 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tokio::sync::Notify;
 use tower::BoxError;
 use tower_service::Service;
 
 use super::body::LimitBody;
 use super::layer::{AdaptiveConcurrencyLayer, Settings};
-use crate::driver::{now, transport_error};
+use crate::driver::{in_memory_body, now, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
@@ -360,14 +359,9 @@ where
     {
         return estimator.estimate(b"");
     }
-    // A body of exact known size has all of it at hand (Full, String, Bytes): one poll of a clone
-    // reads it. Anything that is not ready at once is estimated as if empty, never waited for.
-    let mut collect = pin!(body.clone().collect());
-    let mut cx = Context::from_waker(Waker::noop());
-    match collect.as_mut().poll(&mut cx) {
-        Poll::Ready(Ok(collected)) => estimator.estimate(&collected.to_bytes()),
-        _ => estimator.estimate(b""),
-    }
+    // A body of exact known size has all of it at hand (Full, String, Bytes). Anything that is
+    // not ready at once is estimated as if empty, never waited for.
+    in_memory_body(body).map_or_else(|| estimator.estimate(b""), |b| estimator.estimate(&b))
 }
 
 /// Waits for a permit, first come first served, until `limit_at`.

@@ -2,17 +2,17 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::layer::Shared;
-use crate::driver::{now, transport_error};
+use crate::driver::{in_memory_body, now, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
@@ -238,7 +238,7 @@ where
         let core = shared.lock();
         let backends = core.router.backends();
         let bytes = if backends.rewrites_body(id, &p.uri) {
-            body_bytes(body)
+            in_memory_body(body)
         } else {
             None
         };
@@ -447,34 +447,6 @@ where
         // goes back for failover.
         if done.step == Step::Return || attempts.iter().all(Option::is_none) {
             return done;
-        }
-    }
-}
-
-/// The bytes of a body that is already in memory (`Full<Bytes>` and the like), read without
-/// waiting; `None` for a body that would have to wait (a stream), which is then sent unchanged.
-fn body_bytes<B>(body: &B) -> Option<Bytes>
-where
-    B: Body + Clone + Unpin,
-    B::Data: Buf,
-{
-    let mut body = body.clone();
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut out = BytesMut::new();
-    loop {
-        match Pin::new(&mut body).poll_frame(&mut cx) {
-            Poll::Ready(None) => return Some(out.freeze()),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Ok(mut data) = frame.into_data() {
-                    while data.has_remaining() {
-                        let chunk = data.chunk();
-                        out.extend_from_slice(chunk);
-                        let n = chunk.len();
-                        data.advance(n);
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
         }
     }
 }
