@@ -16,7 +16,7 @@ use tower_aoai::policy::classify::{Outcome, classify_response};
 use tower_aoai::policy::engine::{Engine, EngineConfig, Next};
 use tower_aoai::policy::hints::{delay_hint, parse_retry_after, parse_retry_after_ms};
 use tower_aoai::policy::route::{Backend, Backends, Pick, RoutePolicy, Router};
-use tower_aoai::policy::{AdaptiveLimit, LimitConfig, RetryBudget, RetryPolicy};
+use tower_aoai::policy::{AdaptiveLimit, LimitConfig, RetryBudget, RetryPolicy, TokenEstimator};
 use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
 
 const QUOTA_429: &[u8] = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."}}"#;
@@ -179,6 +179,28 @@ fn decisions(c: &mut Criterion) {
                 limit.on_outcome(permit, Outcome::Success, now);
             }
         })
+    });
+
+    // A chat request of a system prompt, two turns and a content-parts message: about 1 KiB.
+    let chat = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are a careful assistant. ".repeat(8)},
+            {"role": "user", "content": "Summarise the attached report in three lines.".repeat(4)},
+            {"role": "assistant", "content": "Here is the summary you asked for.".repeat(4)},
+            {"role": "user", "content": [
+                {"type": "text", "text": "And the risks, with \"quotes\" and \u{e9}."},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+            ]}
+        ],
+        "max_tokens": 512,
+        "temperature": 0.2,
+        "stream": true
+    })
+    .to_string();
+    let estimator = TokenEstimator::default();
+    g.bench_function("token estimate (1 KiB chat body)", |b| {
+        b.iter(|| estimator.estimate(black_box(chat.as_bytes())))
     });
     g.finish();
 }

@@ -5,7 +5,10 @@
 //! `max_tokens` (or `max_completion_tokens` / `max_output_tokens`) times `n` / `best_of`. The
 //! limiter paces on this estimate and the simulator charges it, so both use this one function.
 
-use serde_json::Value;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::ConfigError;
 
@@ -65,26 +68,33 @@ impl TokenEstimator {
 
     /// The estimated tokens of a request with this JSON body. A body that is not JSON (or is too
     /// large to parse) is estimated from its length plus the default completion budget.
+    ///
+    /// The body is read in one pass without building a JSON tree: only the prompt's characters and
+    /// the few numbers the estimate needs are kept (this runs for every attempt the limiter paces).
     pub fn estimate(&self, body: &[u8]) -> u64 {
         let parsed = (body.len() <= MAX_PARSED_BODY)
-            .then(|| serde_json::from_slice::<Value>(body).ok())
-            .flatten();
-        let Some(json) = parsed else {
+            .then(|| std::str::from_utf8(body).ok())
+            .flatten()
+            // Checked as UTF-8 whole first: the one-pass reader skips the strings it ignores
+            // without checking them, and a body that is not UTF-8 is not JSON.
+            .and_then(|text| serde_json::from_str::<Summary>(text).ok());
+        let Some(summary) = parsed else {
             return self.prompt_tokens(body.len() as u64) + self.default_completion_tokens;
         };
-        let mut chars = 0u64;
-        for key in ["messages", "prompt", "input", "instructions", "system"] {
-            if let Some(v) = json.get(key) {
-                chars = chars.saturating_add(text_chars(v, 0));
-            }
-        }
-        let completion = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        let chars = summary
+            .prompt_chars
             .iter()
-            .find_map(|k| json.get(*k).and_then(Value::as_u64))
+            .copied()
+            .fold(0u64, u64::saturating_add);
+        let completion = summary
+            .completion
+            .iter()
+            .find_map(|n| *n)
             .unwrap_or(self.default_completion_tokens);
-        let choices = ["n", "best_of"]
+        let choices = summary
+            .choices
             .iter()
-            .filter_map(|k| json.get(*k).and_then(Value::as_u64))
+            .filter_map(|n| *n)
             .max()
             .unwrap_or(1)
             .clamp(1, 128);
@@ -97,23 +107,270 @@ impl TokenEstimator {
     }
 }
 
-/// Characters of text in a prompt value: strings, and the `content` / `text` of messages and parts.
-fn text_chars(value: &Value, depth: u32) -> u64 {
-    if depth > 16 {
-        return 0;
+/// What the estimate needs from a request body. As with a JSON object, a key given twice counts
+/// once, with its last value; a body that is JSON but not an object has none of these.
+#[derive(Debug, Default)]
+struct Summary {
+    /// Characters of text under `messages`, `prompt`, `input`, `instructions`, `system`.
+    prompt_chars: [u64; 5],
+    /// `max_completion_tokens`, `max_tokens`, `max_output_tokens`, first found wins in this order.
+    completion: [Option<u64>; 3],
+    /// `n`, `best_of`: the larger counts.
+    choices: [Option<u64>; 2],
+}
+
+/// A top-level key of a request body the estimate reads.
+enum Key {
+    Prompt(usize),
+    Completion(usize),
+    Choices(usize),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "messages" => Key::Prompt(0),
+                    "prompt" => Key::Prompt(1),
+                    "input" => Key::Prompt(2),
+                    "instructions" => Key::Prompt(3),
+                    "system" => Key::Prompt(4),
+                    "max_completion_tokens" => Key::Completion(0),
+                    "max_tokens" => Key::Completion(1),
+                    "max_output_tokens" => Key::Completion(2),
+                    "n" => Key::Choices(0),
+                    "best_of" => Key::Choices(1),
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
     }
-    match value {
-        Value::String(s) => s.chars().count() as u64,
-        Value::Array(items) => items
-            .iter()
-            .map(|v| text_chars(v, depth + 1))
-            .fold(0u64, u64::saturating_add),
-        Value::Object(map) => ["content", "text", "input", "output"]
-            .iter()
-            .filter_map(|k| map.get(*k))
-            .map(|v| text_chars(v, depth + 1))
-            .fold(0u64, u64::saturating_add),
-        _ => 0,
+}
+
+impl<'de> Deserialize<'de> for Summary {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Summary;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Summary, A::Error> {
+                let mut s = Summary::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Prompt(i) => s.prompt_chars[i] = map.next_value_seed(TextChars(0))?,
+                        Key::Completion(i) => s.completion[i] = map.next_value::<Count>()?.0,
+                        Key::Choices(i) => s.choices[i] = map.next_value::<Count>()?.0,
+                        Key::Other => {
+                            map.next_value::<Skip>()?;
+                        }
+                    }
+                }
+                Ok(s)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Summary, A::Error> {
+                Skip.visit_seq(seq).map(|_| Summary::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Summary, E> {
+                Ok(Summary::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A non-negative integer, or `None` for any other value (a float, a negative number, a string).
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(n).ok()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                Skip.visit_seq(seq).map(|_| Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                Skip.visit_map(map).map(|_| Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value the estimate does not need, read through as strictly as a JSON tree would be (a number
+/// out of range is an error, as it is for `serde_json::Value`), but kept nowhere. (`IgnoredAny`
+/// skips numbers without reading them, so it would take a body `Value` rejects.)
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Skip)
+    }
+}
+
+impl<'de> Visitor<'de> for Skip {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+}
+
+/// Characters of text in a prompt value, at this nesting depth: strings, and the `content` /
+/// `text` / `input` / `output` of messages and parts. Deeper than 16 levels counts nothing.
+#[derive(Clone, Copy)]
+struct TextChars(u32);
+
+/// A key of a message or part whose value holds text.
+struct TextKey(Option<usize>);
+
+impl<'de> Deserialize<'de> for TextKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TextKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<TextKey, E> {
+                Ok(TextKey(match key {
+                    "content" => Some(0),
+                    "text" => Some(1),
+                    "input" => Some(2),
+                    "output" => Some(3),
+                    _ => None,
+                }))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TextChars {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        if self.0 > 16 {
+            return Skip::deserialize(d).map(|_| 0);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextChars {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
+        Ok(s.chars().count() as u64)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut total = 0u64;
+        while let Some(n) = seq.next_element_seed(TextChars(self.0 + 1))? {
+            total = total.saturating_add(n);
+        }
+        Ok(total)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut parts = [0u64; 4];
+        while let Some(key) = map.next_key::<TextKey>()? {
+            match key.0 {
+                Some(i) => parts[i] = map.next_value_seed(TextChars(self.0 + 1))?,
+                None => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(parts.iter().copied().fold(0u64, u64::saturating_add))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<u64, E> {
+        Ok(0)
     }
 }
 
