@@ -42,17 +42,36 @@ where
 {
     let mut body = pin!(body.clone());
     let mut cx = Context::from_waker(Waker::noop());
-    let mut out = BytesMut::new();
+    // A body of one frame (the common `Full`) is handed back as that frame's `Bytes`, without a
+    // copy; only a body of several frames is gathered into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
     loop {
         match body.as_mut().poll_frame(&mut cx) {
-            Poll::Ready(None) => return Some(out.freeze()),
+            Poll::Ready(None) => {
+                return Some(match first {
+                    Some(first) if rest.is_empty() => first,
+                    Some(first) => {
+                        let mut all = BytesMut::with_capacity(first.len() + rest.len());
+                        all.extend_from_slice(&first);
+                        all.extend_from_slice(&rest);
+                        all.freeze()
+                    }
+                    None => Bytes::new(),
+                });
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(mut data) = frame.into_data() {
-                    while data.has_remaining() {
-                        let chunk = data.chunk();
-                        out.extend_from_slice(chunk);
-                        let n = chunk.len();
-                        data.advance(n);
+                    if first.is_none() {
+                        let n = data.remaining();
+                        first = Some(data.copy_to_bytes(n));
+                    } else {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            rest.extend_from_slice(chunk);
+                            let n = chunk.len();
+                            data.advance(n);
+                        }
                     }
                 }
             }
@@ -101,6 +120,25 @@ mod tests {
             }
         }
         assert_eq!(in_memory_body(&Never), None);
+        // Several frames come back as one buffer, in order.
+        #[derive(Clone)]
+        struct Frames(std::collections::VecDeque<&'static str>);
+        impl Body for Frames {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(
+                    self.0
+                        .pop_front()
+                        .map(|s| Ok(http_body::Frame::data(Bytes::from_static(s.as_bytes())))),
+                )
+            }
+        }
+        let frames = Frames(["{\"a\":", "1", "}"].into());
+        assert_eq!(in_memory_body(&frames).as_deref(), Some(&b"{\"a\":1}"[..]));
     }
 
     #[test]

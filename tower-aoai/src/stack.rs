@@ -238,7 +238,7 @@ impl StackBuilder {
         let rooms = limiters.clone();
         let stats = StatsHandle::new();
         let route = route
-            .with_headroom(move |id| headroom(&rooms[id.index()]))
+            .with_headroom(move |id| rooms[id.index()].room())
             .with_stats(stats.clone());
         let inner = retry.layer(route.layer_each(services));
         Ok(Stack {
@@ -248,17 +248,6 @@ impl StackBuilder {
             stats,
         })
     }
-}
-
-/// A limiter's room as the router's headroom: 0 when a call would wait (no permit, a queue, a
-/// pacing wait), else the free share of its limit.
-fn headroom(limiter: &LimiterHandle) -> f64 {
-    if !limiter.has_room(0) {
-        return 0.0;
-    }
-    let s = limiter.snapshot();
-    let limit = f64::from(s.limit.max(1));
-    (f64::from(s.limit.saturating_sub(s.in_flight)) / limit).max(0.01)
 }
 
 #[cfg(test)]

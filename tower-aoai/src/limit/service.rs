@@ -129,6 +129,23 @@ impl LimiterHandle {
         }
     }
 
+    /// The share of the limit that is free now, for the router's headroom: 0 when a call sent
+    /// now would wait (no permit free, someone queued, a pacing wait), else at least 0.01. One
+    /// look at the limiter, where [`has_room`](Self::has_room) and
+    /// [`snapshot`](Self::snapshot) would take two.
+    pub fn room(&self) -> f64 {
+        let now = now();
+        let state = self.shared.lock();
+        if !state.queue.is_empty()
+            || state.limit.available(now) == 0
+            || !state.pacer.wait(now, 0).is_zero()
+        {
+            return 0.0;
+        }
+        let limit = state.limit.limit_at(now).max(1);
+        (f64::from(limit.saturating_sub(state.limit.in_flight())) / f64::from(limit)).max(0.01)
+    }
+
     /// Whether a call sent now would start at once (a permit free, nobody queued, no pacing wait
     /// for an attempt of `tokens`): the router's "has room" input.
     pub fn has_room(&self, tokens: u64) -> bool {
@@ -158,6 +175,15 @@ pub(super) struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the queue after a permit came back, if anyone was in it when it did (`waiting`,
+    /// read under the same lock). A call joins the queue under that lock and looks for a permit
+    /// again after it registers to be woken, so a release that saw an empty queue misses nobody.
+    fn wake_queue(&self, waiting: bool) {
+        if waiting {
+            self.released.notify_waiters();
+        }
     }
 }
 
@@ -509,13 +535,17 @@ impl PermitGuard {
     /// Gives the permit back with the attempt's outcome.
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(permit) = self.permit.take() {
-            let adjustment = self.shared.lock().limit.on_outcome(permit, outcome, now());
+            let (adjustment, waiting) = {
+                let mut state = self.shared.lock();
+                let adjustment = state.limit.on_outcome(permit, outcome, now());
+                (adjustment, !state.queue.is_empty())
+            };
             tracing::trace!(
                 ?adjustment,
                 outcome = outcome.as_str(),
                 "tower_aoai: limiter"
             );
-            self.shared.released.notify_waiters();
+            self.shared.wake_queue(waiting);
         }
     }
 }
@@ -523,8 +553,12 @@ impl PermitGuard {
 impl Drop for PermitGuard {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.shared.lock().limit.on_cancel(permit, now());
-            self.shared.released.notify_waiters();
+            let waiting = {
+                let mut state = self.shared.lock();
+                state.limit.on_cancel(permit, now());
+                !state.queue.is_empty()
+            };
+            self.shared.wake_queue(waiting);
         }
     }
 }

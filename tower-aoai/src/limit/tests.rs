@@ -113,6 +113,7 @@ fn overloaded(
 async fn a_streaming_success_holds_its_permit_until_the_body_ends() {
     let (mut svc, mut handle) = service(fixed(1), PacingConfig::new(), 8, Duration::from_secs(60));
     let limiter = svc.handle();
+    assert_eq!(limiter.room(), 1.0, "all of the limit is free");
     let a = call(&mut svc, request(b"{}")).await;
     let (_, send) = handle.next_request().await.unwrap();
     let (tx, res) = respond(200, &[]);
@@ -120,6 +121,7 @@ async fn a_streaming_success_holds_its_permit_until_the_body_ends() {
     let mut body = a.await.unwrap().unwrap().into_body();
     assert!(body.holds_permit());
     assert_eq!(limiter.snapshot().in_flight, 1);
+    assert_eq!(limiter.room(), 0.0, "a call now would wait");
 
     // A second call waits while the stream runs, even for a long time.
     let b = call(&mut svc, request(b"{}")).await;
@@ -143,6 +145,7 @@ async fn a_streaming_success_holds_its_permit_until_the_body_ends() {
     send.send_response(respond(200, &[]).1);
     drop(b.await.unwrap().unwrap());
     assert_eq!(limiter.snapshot().in_flight, 0);
+    assert_eq!(limiter.room(), 1.0);
 }
 
 #[tokio::test(start_paused = true)]

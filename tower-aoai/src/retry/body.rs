@@ -12,22 +12,38 @@ use crate::policy::classify::{MAX_ERROR_BODY, error_body_wait};
 
 /// The response body of [`Retry`](super::Retry): the inner body untouched, or, for an error
 /// response whose start was read to classify it, that start followed by the rest.
+///
+/// A body passed through adds one pointer to the inner body: what an error response replays is
+/// boxed, so the common response stays small as it moves through the layers (each layer that
+/// can read an error body wraps the body it returns in one of these).
 #[derive(Debug)]
 pub struct RetryBody<B> {
-    prefix: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    replay: Option<Box<Replay>>,
     inner: B,
     inner_done: bool,
+}
+
+/// What an error body replays before the rest of the inner body.
+#[derive(Debug, Default)]
+struct Replay {
+    prefix: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 impl<B> RetryBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
-            prefix: None,
-            trailers: None,
+            replay: None,
             inner,
             inner_done: false,
         }
+    }
+
+    fn prefix_len(&self) -> u64 {
+        self.replay
+            .as_ref()
+            .and_then(|r| r.prefix.as_ref())
+            .map_or(0, |p| p.len() as u64)
     }
 
     /// The inner body (after the already-read start, if any, has been consumed).
@@ -49,11 +65,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(prefix) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
-        }
-        if let Some(trailers) = this.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        if let Some(replay) = &mut this.replay {
+            if let Some(prefix) = replay.prefix.take() {
+                return Poll::Ready(Some(Ok(Frame::data(prefix))));
+            }
+            if let Some(trailers) = replay.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            this.replay = None;
         }
         if this.inner_done {
             return Poll::Ready(None);
@@ -69,13 +88,14 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none()
-            && self.trailers.is_none()
+        self.replay
+            .as_ref()
+            .is_none_or(|r| r.prefix.is_none() && r.trailers.is_none())
             && (self.inner_done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let prefix = self.prefix_len();
         if self.inner_done {
             return SizeHint::with_exact(prefix);
         }
@@ -131,9 +151,12 @@ where
         ),
     }
     let prefix = prefix.freeze();
-    let body = RetryBody {
+    let replay = Replay {
         prefix: (!prefix.is_empty()).then(|| prefix.clone()),
         trailers,
+    };
+    let body = RetryBody {
+        replay: (replay.prefix.is_some() || replay.trailers.is_some()).then(|| Box::new(replay)),
         inner: body,
         inner_done: done,
     };

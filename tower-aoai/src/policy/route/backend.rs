@@ -359,34 +359,36 @@ impl Backends {
         let path = parts.uri.path();
         let tail = openai_tail(path);
         let names_model = body_names_model(tail);
-        let mut new_path = String::with_capacity(target.base_path.len() + tail.len() + 16);
-        new_path.push_str(&target.base_path);
-        match (
+        // The request's own path and query, reused as they are (no copy, no parse) when this
+        // backend wants the same: its base path before the tail, and its deployment (if it sets
+        // one) already in the path. Else the path is built anew.
+        let same_deployment = match (
             &backend.deployment,
             tail.strip_prefix("/openai/deployments/"),
         ) {
-            (Some(deployment), Some(rest)) => {
-                let after = rest.find('/').map_or("", |at| &rest[at..]);
-                new_path.push_str("/openai/deployments/");
-                new_path.push_str(deployment);
-                new_path.push_str(after);
-            }
-            _ => new_path.push_str(tail),
-        }
-        if new_path.is_empty() {
-            new_path.push('/');
-        }
-        if let Some(query) = parts.uri.query() {
-            new_path.push('?');
-            new_path.push_str(query);
-        }
-        let path_and_query = PathAndQuery::try_from(new_path).map_err(|_| RewriteError::Uri)?;
-        parts.uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| RewriteError::Uri)?;
+            (Some(deployment), Some(rest)) => rest.split('/').next() == Some(deployment.as_str()),
+            _ => true,
+        };
+        let reusable = parts.uri.path_and_query().filter(|_| {
+            same_deployment
+                && !tail.is_empty()
+                && path.len() - tail.len() == target.base_path.len()
+                && path.starts_with(target.base_path.as_str())
+        });
+        let path_and_query = match reusable {
+            Some(same) => same.clone(),
+            None => new_path_and_query(
+                &target.base_path,
+                tail,
+                backend.deployment.as_deref(),
+                parts.uri.query(),
+            )?,
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(target.scheme.clone());
+        uri.authority = Some(target.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = Uri::from_parts(uri).map_err(|_| RewriteError::Uri)?;
         if parts.headers.contains_key(HOST) {
             let host =
                 HeaderValue::from_str(target.authority.as_str()).map_err(|_| RewriteError::Uri)?;
@@ -485,6 +487,35 @@ fn openai_tail(path: &str) -> &str {
         None if path.ends_with("/openai") => &path[path.len() - "/openai".len()..],
         None => path,
     }
+}
+
+/// The base path, then the tail with its `/openai/deployments/{d}/` segment naming `deployment`
+/// (when set), then the query.
+fn new_path_and_query(
+    base_path: &str,
+    tail: &str,
+    deployment: Option<&str>,
+    query: Option<&str>,
+) -> Result<PathAndQuery, RewriteError> {
+    let mut new_path = String::with_capacity(base_path.len() + tail.len() + 16);
+    new_path.push_str(base_path);
+    match (deployment, tail.strip_prefix("/openai/deployments/")) {
+        (Some(deployment), Some(rest)) => {
+            let after = rest.find('/').map_or("", |at| &rest[at..]);
+            new_path.push_str("/openai/deployments/");
+            new_path.push_str(deployment);
+            new_path.push_str(after);
+        }
+        _ => new_path.push_str(tail),
+    }
+    if new_path.is_empty() {
+        new_path.push('/');
+    }
+    if let Some(query) = query {
+        new_path.push('?');
+        new_path.push_str(query);
+    }
+    PathAndQuery::try_from(new_path).map_err(|_| RewriteError::Uri)
 }
 
 fn body_names_model(tail: &str) -> bool {
@@ -646,6 +677,45 @@ mod tests {
             p.uri,
             "https://east.example.com/openai/deployments/gpt4o-east/x"
         );
+    }
+
+    #[test]
+    fn a_path_the_backend_already_wants_is_kept_and_a_near_miss_is_rebuilt() {
+        let b = two();
+        // Already this backend's base path and deployment: kept, query and all.
+        let mut p = parts(
+            "http://old.example/team-a/openai/deployments/gpt4o-west/chat/completions?api-version=1&x=%20",
+            &[],
+        );
+        b.rewrite(BackendId(1), &mut p, None).unwrap();
+        assert_eq!(
+            p.uri,
+            "https://apim.example.net:8443/team-a/openai/deployments/gpt4o-west/chat/completions?api-version=1&x=%20"
+        );
+        // One character short of the deployment, or under another base path: rebuilt.
+        for (from, want) in [
+            (
+                "https://apim.example.net:8443/team-a/openai/deployments/gpt4o-wes/chat/completions",
+                "https://apim.example.net:8443/team-a/openai/deployments/gpt4o-west/chat/completions",
+            ),
+            (
+                "https://apim.example.net:8443/team-b/openai/deployments/gpt4o-west/embeddings?q=1",
+                "https://apim.example.net:8443/team-a/openai/deployments/gpt4o-west/embeddings?q=1",
+            ),
+            (
+                "https://apim.example.net:8443/openai/deployments/gpt4o-west",
+                "https://apim.example.net:8443/team-a/openai/deployments/gpt4o-west",
+            ),
+        ] {
+            let mut p = parts(from, &[]);
+            b.rewrite(BackendId(1), &mut p, None).unwrap();
+            assert_eq!(p.uri, want, "from {from}");
+        }
+        // A backend without a deployment keeps any path under its (empty) base path.
+        let plain = Backends::new(vec![Backend::new("p", "http://127.0.0.1:9")]).unwrap();
+        let mut p = parts("https://x.example/openai/v1/chat/completions?a=b", &[]);
+        plain.rewrite(BackendId(0), &mut p, None).unwrap();
+        assert_eq!(p.uri, "http://127.0.0.1:9/openai/v1/chat/completions?a=b");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backend::{BackendId, Backends};
+use super::backend::{BackendId, Backends, MAX_BACKENDS};
 use super::blocked::SupportRecord;
 use super::breaker::{Breaker, BreakerPolicy, BreakerState};
 use super::hedge::{HedgePolicy, LatencyHistogram};
@@ -429,26 +429,43 @@ impl Router {
         headroom: &dyn Fn(BackendId) -> f64,
         rng: &mut fastrand::Rng,
     ) -> Option<BackendId> {
-        let mut pool: Vec<BackendId> = self
-            .backends
-            .ids()
-            .filter(|&id| allowed(id) && self.availability(id, now) == Availability::Usable)
-            .collect();
-        if pool.is_empty() {
-            return None;
+        // The candidates as a set of at most `MAX_BACKENDS` bits: no allocation per pick.
+        let mut pool = Pool::default();
+        for id in self.backends.ids() {
+            if allowed(id) && self.availability(id, now) == Availability::Usable {
+                pool.insert(id);
+            }
+        }
+        // One candidate: every filter below would keep it (each keeps the whole pool when none
+        // passes) and the draw could only give it.
+        if let Some(only) = pool.only() {
+            return Some(only);
         }
         // Failover first: a backend this call has not tried yet, of any tier, before one it has
         // (a 429'd backend is cooling anyway; this covers a 5xx or a connection error).
-        if pool.iter().any(|&id| !call.tried(id)) {
-            pool.retain(|&id| !call.tried(id));
+        let untried = Pool(pool.0 & !call.tried);
+        if !untried.is_empty() {
+            pool = untried;
         }
-        if pool.iter().any(|&id| headroom(id) > 0.0) {
-            pool.retain(|&id| headroom(id) > 0.0);
+        // Each candidate's headroom is asked once.
+        let mut room = [0.0f64; MAX_BACKENDS];
+        let mut roomy = Pool::default();
+        for id in pool.iter() {
+            room[id.0] = headroom(id);
+            if room[id.0] > 0.0 {
+                roomy.insert(id);
+            }
         }
-        let best = pool.iter().map(|&id| self.backends.get(id).tier()).min()?;
-        pool.retain(|&id| self.backends.get(id).tier() == best);
-        let first = self.weighted(&pool, None, rng)?;
-        let Some(second) = self.weighted(&pool, Some(first), rng) else {
+        if !roomy.is_empty() {
+            pool = roomy;
+        }
+        let best = pool.iter().map(|id| self.backends.get(id).tier()).min()?;
+        let pool = Pool::from_iter(
+            pool.iter()
+                .filter(|&id| self.backends.get(id).tier() == best),
+        );
+        let first = self.weighted(pool, None, rng)?;
+        let Some(second) = self.weighted(pool, Some(first), rng) else {
             return Some(first);
         };
         // A small share of plain weighted draws keeps every backend's latency record fresh, so
@@ -465,7 +482,7 @@ impl Router {
             _ => [1.0, 1.0],
         };
         let score = |id: BackendId, latency: f64| {
-            headroom(id).max(0.0) / ((1.0 + f64::from(self.state[id.0].in_flight)) * latency)
+            room[id.0].max(0.0) / ((1.0 + f64::from(self.state[id.0].in_flight)) * latency)
         };
         Some(if score(second, latency[1]) > score(first, latency[0]) {
             second
@@ -476,24 +493,21 @@ impl Router {
 
     fn weighted(
         &self,
-        pool: &[BackendId],
+        pool: Pool,
         except: Option<BackendId>,
         rng: &mut fastrand::Rng,
     ) -> Option<BackendId> {
-        let weight = |id: &BackendId| u64::from(self.backends.get(*id).weight());
-        let total: u64 = pool
-            .iter()
-            .filter(|&&id| Some(id) != except)
-            .map(weight)
-            .sum();
+        let weight = |id: BackendId| u64::from(self.backends.get(id).weight());
+        let candidates = || pool.iter().filter(|&id| Some(id) != except);
+        let total: u64 = candidates().map(weight).sum();
         if total == 0 {
             return None;
         }
         let mut draw = rng.u64(0..total);
-        for id in pool.iter().filter(|&&id| Some(id) != except) {
+        for id in candidates() {
             let w = weight(id);
             if draw < w {
-                return Some(*id);
+                return Some(id);
             }
             draw -= w;
         }
@@ -661,6 +675,48 @@ impl Router {
         call.hedged = true;
         self.stats.hedges += 1;
         Some(id)
+    }
+}
+
+/// A set of backends, one bit each (a router holds at most [`MAX_BACKENDS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pool(u64);
+
+impl Pool {
+    fn insert(&mut self, id: BackendId) {
+        self.0 |= 1 << id.0;
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The one backend in the set, if it holds exactly one.
+    fn only(self) -> Option<BackendId> {
+        (self.0.count_ones() == 1).then(|| BackendId(self.0.trailing_zeros() as usize))
+    }
+
+    /// The backends in the set, in order.
+    fn iter(self) -> impl Iterator<Item = BackendId> {
+        let mut rest = self.0;
+        std::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let id = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            Some(BackendId(id))
+        })
+    }
+}
+
+impl FromIterator<BackendId> for Pool {
+    fn from_iter<I: IntoIterator<Item = BackendId>>(ids: I) -> Self {
+        let mut pool = Pool::default();
+        for id in ids {
+            pool.insert(id);
+        }
+        pool
     }
 }
 
