@@ -58,30 +58,33 @@ impl StatsHandle {
 /// The `tracing` event (and metrics) of one attempt.
 fn emit(attempt: &Attempt<'_>) {
     let outcome = attempt.class.outcome.as_str();
-    let apim_request_id = attempt
-        .headers
-        .and_then(|h| h.get(headers::APIM_REQUEST_ID))
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 64);
-    let region = attempt.region.or_else(|| {
-        attempt
+    // The event's fields are looked up only when someone listens for it.
+    if tracing::enabled!(target: "tower_aoai::attempt", tracing::Level::DEBUG) {
+        let apim_request_id = attempt
             .headers
-            .and_then(|h| h.get(headers::MS_REGION))
+            .and_then(|h| h.get(headers::APIM_REQUEST_ID))
             .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 64)
-    });
-    tracing::debug!(
-        target: "tower_aoai::attempt",
-        backend = attempt.backend,
-        region,
-        apim_request_id,
-        outcome,
-        retry = attempt.retry,
-        hedge = attempt.hedge,
-        latency_ms = attempt.latency.map(|l| l.as_secs_f64() * 1000.0),
-        hint_ms = attempt.class.hint.map(|h| h.delay.as_millis() as u64),
-        "attempt"
-    );
+            .filter(|v| v.len() <= 64);
+        let region = attempt.region.or_else(|| {
+            attempt
+                .headers
+                .and_then(|h| h.get(headers::MS_REGION))
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 64)
+        });
+        tracing::debug!(
+            target: "tower_aoai::attempt",
+            backend = attempt.backend,
+            region,
+            apim_request_id,
+            outcome,
+            retry = attempt.retry,
+            hedge = attempt.hedge,
+            latency_ms = attempt.latency.map(|l| l.as_secs_f64() * 1000.0),
+            hint_ms = attempt.class.hint.map(|h| h.delay.as_millis() as u64),
+            "attempt"
+        );
+    }
     #[cfg(feature = "metrics")]
     {
         metrics::counter!(
@@ -97,5 +100,79 @@ fn emit(attempt: &Attempt<'_>) {
             )
             .record(latency.as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, SystemTime};
+
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    use super::*;
+    use crate::policy::classify::classify_response;
+
+    /// Everything a subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record(stats: &StatsHandle, headers: &HeaderMap) {
+        let class = classify_response(StatusCode::OK, headers, None, SystemTime::now());
+        stats.record(Attempt {
+            backend: "east",
+            region: None,
+            class: &class,
+            headers: Some(headers),
+            latency: Some(Duration::from_millis(12)),
+            retry: false,
+            hedge: false,
+            wall_now: SystemTime::now(),
+        });
+    }
+
+    #[test]
+    fn an_attempt_event_names_its_region_and_request_id_when_someone_listens() {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::MS_REGION, HeaderValue::from_static("eastus2"));
+        headers.insert(headers::APIM_REQUEST_ID, HeaderValue::from_static("req-42"));
+        let stats = StatsHandle::new();
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("tower_aoai::attempt=debug")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("region=\"eastus2\""), "{text}");
+        assert!(text.contains("apim_request_id=\"req-42\""), "{text}");
+        assert!(text.contains("outcome=\"success\""), "{text}");
+
+        // Nobody listening: nothing written, and the attempt is still counted.
+        let quiet = Captured::default();
+        let writer = quiet.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("tower_aoai::attempt=info")
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
+        assert!(quiet.0.lock().unwrap().is_empty());
+        assert_eq!(
+            stats.snapshot().backend("east").map(|b| b.requests),
+            Some(2)
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! Looking a header up by a `&str` parses and hashes the name on every call (hundreds of
 //! instructions); a constant [`HeaderName`] skips the parse. These are read on every response.
 
-use http::HeaderName;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// `retry-after-ms`: milliseconds to wait (Azure, OpenAI).
 pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -39,3 +39,95 @@ pub const APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `api-key`: Azure's key header.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// The rate-limit headers of a response (the first value of each), found in one pass over its
+/// headers: cheaper than a hashed lookup per name, and every response is read this way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimitHeaders<'a> {
+    /// `x-ratelimit-remaining-requests`.
+    pub remaining_requests: Option<&'a HeaderValue>,
+    /// `x-ratelimit-remaining-tokens`.
+    pub remaining_tokens: Option<&'a HeaderValue>,
+    /// `x-ratelimit-limit-requests`.
+    pub limit_requests: Option<&'a HeaderValue>,
+    /// `x-ratelimit-limit-tokens`.
+    pub limit_tokens: Option<&'a HeaderValue>,
+    /// `x-ratelimit-reset-requests`.
+    pub reset_requests: Option<&'a HeaderValue>,
+    /// `x-ratelimit-reset-tokens`.
+    pub reset_tokens: Option<&'a HeaderValue>,
+    /// `x-rate-limit-reset-tokens`, Azure's spelling.
+    pub reset_tokens_azure: Option<&'a HeaderValue>,
+}
+
+impl<'a> RateLimitHeaders<'a> {
+    /// Finds the rate-limit headers among `headers`.
+    pub fn find(headers: &'a HeaderMap) -> Self {
+        let mut found = Self::default();
+        for (name, value) in headers {
+            let name = name.as_str();
+            if !name.starts_with("x-rate") {
+                continue;
+            }
+            let slot = if name == REMAINING_REQUESTS.as_str() {
+                &mut found.remaining_requests
+            } else if name == REMAINING_TOKENS.as_str() {
+                &mut found.remaining_tokens
+            } else if name == LIMIT_REQUESTS.as_str() {
+                &mut found.limit_requests
+            } else if name == LIMIT_TOKENS.as_str() {
+                &mut found.limit_tokens
+            } else if name == RESET_REQUESTS.as_str() {
+                &mut found.reset_requests
+            } else if name == RESET_TOKENS.as_str() {
+                &mut found.reset_tokens
+            } else if name == RESET_TOKENS_AZURE.as_str() {
+                &mut found.reset_tokens_azure
+            } else {
+                continue;
+            };
+            // A name given twice counts once, with its first value (as `HeaderMap::get`).
+            slot.get_or_insert(value);
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pass_finds_what_a_lookup_per_name_finds() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert(LIMIT_REQUESTS, HeaderValue::from_static("100"));
+        h.append(LIMIT_REQUESTS, HeaderValue::from_static("7"));
+        h.insert(REMAINING_TOKENS, HeaderValue::from_static("9000"));
+        h.insert(RESET_TOKENS_AZURE, HeaderValue::from_static("6s"));
+        h.insert("x-ratelimit-other", HeaderValue::from_static("1"));
+        let found = RateLimitHeaders::find(&h);
+        let names = [
+            (REMAINING_REQUESTS, found.remaining_requests),
+            (REMAINING_TOKENS, found.remaining_tokens),
+            (LIMIT_REQUESTS, found.limit_requests),
+            (LIMIT_TOKENS, found.limit_tokens),
+            (RESET_REQUESTS, found.reset_requests),
+            (RESET_TOKENS, found.reset_tokens),
+            (RESET_TOKENS_AZURE, found.reset_tokens_azure),
+        ];
+        for (name, value) in names {
+            assert_eq!(value, h.get(&name), "{name}");
+        }
+        assert_eq!(
+            found.limit_requests.unwrap(),
+            "100",
+            "the first value counts"
+        );
+        assert_eq!(
+            RateLimitHeaders::find(&HeaderMap::new()),
+            RateLimitHeaders::default()
+        );
+    }
+}

@@ -28,11 +28,12 @@
 
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderValue};
 
 use super::ConfigError;
 use super::classify::{Outcome, ThrottleCause};
-use super::{headers, hints};
+use super::headers::RateLimitHeaders;
+use super::hints;
 
 /// The most one request may charge the token bucket, as a share of a minute's quota: a request
 /// whose estimate exceeds the whole quota is charged one minute, so it delays later sends by at
@@ -532,14 +533,15 @@ impl Pacer {
     }
 
     fn learn(&mut self, now: Instant, sent_at: Option<Instant>, headers: &HeaderMap) {
+        let found = RateLimitHeaders::find(headers);
         if self.config.learn {
-            let limit = header_count(headers, headers::LIMIT_REQUESTS);
+            let limit = header_count(found.limit_requests);
             let window = match self.config.limit_window.length() {
                 Some(window) => window,
                 None => {
                     if let (Some(limit), Some(remaining), Some(sent_at)) = (
                         limit,
-                        header_count_or_zero(headers, headers::REMAINING_REQUESTS),
+                        header_count_or_zero(found.remaining_requests),
                         sent_at,
                     ) {
                         self.window_guess.observe(sent_at, limit, remaining);
@@ -548,7 +550,7 @@ impl Pacer {
                 }
             };
             let rpm = limit.map(|n| n * 60.0 / window.as_secs_f64());
-            let tpm = header_count(headers, headers::LIMIT_TOKENS);
+            let tpm = header_count(found.limit_tokens);
             let changed = (rpm.is_some() && rpm != self.learned_rpm)
                 || (tpm.is_some() && tpm != self.learned_tpm);
             self.learned_rpm = rpm.or(self.learned_rpm);
@@ -557,26 +559,26 @@ impl Pacer {
                 self.apply_rates();
             }
         }
-        let reset = |names: &[&str]| {
-            names
+        let reset = |values: &[Option<&HeaderValue>]| {
+            values
                 .iter()
-                .filter_map(|n| headers.get(*n))
+                .flatten()
                 .filter_map(|v| hints::parse_reset(v.as_bytes()))
                 .max()
         };
-        if let Some(left) = header_count_or_zero(headers, headers::REMAINING_REQUESTS) {
+        if let Some(left) = header_count_or_zero(found.remaining_requests) {
             // Without a reset time, a window of requests is assumed to free up within a second
             // (the shortest window Azure checks).
-            let window = reset(&["x-ratelimit-reset-requests"]).unwrap_or(Duration::from_secs(1));
+            let window = reset(&[found.reset_requests]).unwrap_or(Duration::from_secs(1));
             self.remaining_requests = Some(Remaining {
                 left,
                 observed_at: now,
                 expires_at: now + window.min(self.config.max_hold),
             });
         }
-        if let Some(left) = header_count_or_zero(headers, headers::REMAINING_TOKENS) {
-            let window = reset(&["x-ratelimit-reset-tokens", "x-rate-limit-reset-tokens"])
-                .unwrap_or(MAX_CHARGE);
+        if let Some(left) = header_count_or_zero(found.remaining_tokens) {
+            let window =
+                reset(&[found.reset_tokens, found.reset_tokens_azure]).unwrap_or(MAX_CHARGE);
             self.remaining_tokens = Some(Remaining {
                 left,
                 observed_at: now,
@@ -633,13 +635,13 @@ fn set_rate(gcra: &mut Option<Gcra>, per_second: f64, tolerance: Duration) {
 }
 
 /// A positive integer header (a quota limit).
-fn header_count(headers: &HeaderMap, name: HeaderName) -> Option<f64> {
-    header_count_or_zero(headers, name).filter(|&n| n > 0.0)
+fn header_count(value: Option<&HeaderValue>) -> Option<f64> {
+    header_count_or_zero(value).filter(|&n| n > 0.0)
 }
 
 /// A non-negative integer header (a limit or what remains of it).
-fn header_count_or_zero(headers: &HeaderMap, name: HeaderName) -> Option<f64> {
-    let value = headers.get(name)?.as_bytes();
+fn header_count_or_zero(value: Option<&HeaderValue>) -> Option<f64> {
+    let value = value?.as_bytes();
     if value.is_empty() || value.len() > 16 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
