@@ -292,8 +292,23 @@ where
     let start = now();
     let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
     let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
-    let mut guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
-    pace(&shared, tokens, limit_at, reason_at_limit).await?;
+    // Waiting (in the queue, for pacing) is the exception: its futures are boxed when needed, so
+    // the call's own future stays small for the common case that starts at once.
+    let mut guard = match start_now(&shared, start, tokens) {
+        Start::Now(guard) => guard,
+        Start::Pace(guard) => {
+            Box::pin(pace(&shared, tokens, limit_at, reason_at_limit)).await?;
+            guard
+        }
+        Start::Queue => {
+            Box::pin(async {
+                let guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
+                pace(&shared, tokens, limit_at, reason_at_limit).await?;
+                Ok::<_, Overloaded>(guard)
+            })
+            .await?
+        }
+    };
     // The attempt starts now: its round trip is measured from here, not from the queue.
     guard.restamp(now());
     let result = svc.call(req).await.map_err(Into::into);
@@ -310,7 +325,7 @@ where
     let (parts, body) = res.into_parts();
     let (res, class) = if parts.status == StatusCode::TOO_MANY_REQUESTS {
         let remaining = deadline.map(|d| d.saturating_duration_since(at));
-        match read_error_body(body, remaining).await {
+        match Box::pin(read_error_body(body, remaining)).await {
             Ok((prefix, body)) => {
                 let class = classify::classify_response(
                     parts.status,
@@ -388,6 +403,35 @@ where
     // A body of exact known size has all of it at hand (Full, String, Bytes). Anything that is
     // not ready at once is estimated as if empty, never waited for.
     in_memory_body(body).map_or_else(|| estimator.estimate(b""), |b| estimator.estimate(&b))
+}
+
+/// How a call can start.
+enum Start {
+    /// At once: a permit was free, nobody queued, no pacing wait.
+    Now(PermitGuard),
+    /// With a permit, after a pacing wait.
+    Pace(PermitGuard),
+    /// After a wait in the queue (then pacing).
+    Queue,
+}
+
+/// The common case under one lock: a free permit with nobody queued ahead, and the pacer's leave.
+fn start_now(shared: &Arc<Shared>, at: Instant, tokens: u64) -> Start {
+    let mut state = shared.lock();
+    if !state.queue.is_empty() {
+        return Start::Queue;
+    }
+    let Some(permit) = state.limit.try_acquire(at, tokens) else {
+        return Start::Queue;
+    };
+    let paced = state.pacer.check(at, tokens).is_ok();
+    drop(state);
+    let guard = PermitGuard::new(shared.clone(), permit);
+    if paced {
+        Start::Now(guard)
+    } else {
+        Start::Pace(guard)
+    }
 }
 
 /// Waits for a permit, first come first served, until `limit_at`.

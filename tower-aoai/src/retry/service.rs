@@ -126,7 +126,8 @@ where
             Ok(res) if classify::needs_body(res.status()) => {
                 let (parts, body) = res.into_parts();
                 let remaining = call.remaining(now());
-                match read_error_body(body, remaining).await {
+                // Boxed: an error is the exception, and its read should not grow every call's future.
+                match Box::pin(read_error_body(body, remaining)).await {
                     Ok((prefix, body)) => {
                         let class = classify::classify_response(
                             parts.status,
@@ -187,7 +188,7 @@ where
                 );
                 // The failed response (and its connection) is released before the wait.
                 drop(result);
-                tokio::time::sleep(after).await;
+                Box::pin(tokio::time::sleep(after)).await;
             }
             Action::GiveUp(reason) => {
                 tracing::info!(

@@ -164,7 +164,7 @@ where
                     wait_ms = at.saturating_duration_since(now()).as_millis() as u64,
                     "tower_aoai: no usable backend; waiting for the first to come back"
                 );
-                tokio::time::sleep_until(at.into()).await;
+                Box::pin(tokio::time::sleep_until(at.into())).await;
                 continue;
             }
             Pick::GiveUp(no) => {
@@ -294,7 +294,8 @@ where
         Ok(res) if classify::needs_body(res.status()) => {
             let (parts, body) = res.into_parts();
             let remaining = deadline.map(|d| d.saturating_duration_since(now()));
-            match read_error_body(body, remaining).await {
+            // Boxed: an error is the exception, and its read should not grow every call's future.
+            match Box::pin(read_error_body(body, remaining)).await {
                 Ok((prefix, body)) => {
                     let wall = SystemTime::now();
                     let class = classify::classify_response(
