@@ -275,11 +275,11 @@ where
     }
 }
 
-async fn run<S, B, ResBody>(
+fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,
     req: Request<B>,
-) -> Result<Response<LimitBody<RetryBody<ResBody>>>, BoxError>
+) -> impl Future<Output = Result<Response<LimitBody<RetryBody<ResBody>>>, BoxError>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
@@ -288,87 +288,89 @@ where
     ResBody: Body<Data = Bytes> + Unpin,
     ResBody::Error: Into<BoxError>,
 {
-    let tokens = estimate(&shared, &req);
-    let start = now();
-    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-    let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
-    // Waiting (in the queue, for pacing) is the exception: its futures are boxed when needed, so
-    // the call's own future stays small for the common case that starts at once.
-    let mut guard = match start_now(&shared, start, tokens) {
-        Start::Now(guard) => guard,
-        Start::Pace(guard) => {
-            Box::pin(pace(&shared, tokens, limit_at, reason_at_limit)).await?;
-            guard
-        }
-        Start::Queue => {
-            Box::pin(async {
-                let guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
-                pace(&shared, tokens, limit_at, reason_at_limit).await?;
-                Ok::<_, Overloaded>(guard)
-            })
-            .await?
-        }
-    };
-    // The attempt starts now: its round trip is measured from here, not from the queue.
-    guard.restamp(now());
-    let result = svc.call(req).await.map_err(Into::into);
-    let res = match result {
-        Ok(res) => res,
-        Err(e) => {
-            guard.finish(classify::classify_error(transport_error(&*e)).outcome);
-            return Err(e);
-        }
-    };
-    let at = now();
-    // A 429's cause decides whether every send waits (a quota) or not (regional capacity), and
-    // only its body says which: its start is read (as the retry layer does) and replayed.
-    let (parts, body) = res.into_parts();
-    let (res, class) = if parts.status == StatusCode::TOO_MANY_REQUESTS {
-        let remaining = deadline.map(|d| d.saturating_duration_since(at));
-        match Box::pin(read_error_body(body, remaining)).await {
-            Ok((prefix, body)) => {
-                let class = classify::classify_response(
-                    parts.status,
-                    &parts.headers,
-                    Some(&prefix),
-                    SystemTime::now(),
-                );
-                (Response::from_parts(parts, body), class)
+    async move {
+        let tokens = estimate(&shared, &req);
+        let start = now();
+        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+        let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
+        // Waiting (in the queue, for pacing) is the exception: its futures are boxed when needed, so
+        // the call's own future stays small for the common case that starts at once.
+        let mut guard = match start_now(&shared, start, tokens) {
+            Start::Now(guard) => guard,
+            Start::Pace(guard) => {
+                Box::pin(pace(&shared, tokens, limit_at, reason_at_limit)).await?;
+                guard
             }
+            Start::Queue => {
+                Box::pin(async {
+                    let guard = acquire(&shared, tokens, limit_at, reason_at_limit).await?;
+                    pace(&shared, tokens, limit_at, reason_at_limit).await?;
+                    Ok::<_, Overloaded>(guard)
+                })
+                .await?
+            }
+        };
+        // The attempt starts now: its round trip is measured from here, not from the queue.
+        guard.restamp(now());
+        let result = svc.call(req).await.map_err(Into::into);
+        let res = match result {
+            Ok(res) => res,
             Err(e) => {
-                guard.finish(Outcome::Transient(TransientKind::Connect));
+                guard.finish(classify::classify_error(transport_error(&*e)).outcome);
                 return Err(e);
             }
-        }
-    } else {
-        let class =
-            classify::classify_response(parts.status, &parts.headers, None, SystemTime::now());
-        (
-            Response::from_parts(parts, RetryBody::passthrough(body)),
-            class,
-        )
-    };
-    {
-        let mut state = shared.lock();
-        state
-            .pacer
-            .on_response_to(at, guard.sent_at(at), res.headers());
-        if class.outcome.is_throttle()
-            && let Some(until) =
-                state
-                    .pacer
-                    .on_throttle(at, class.outcome, class.hint.map(|h| h.delay))
+        };
+        let at = now();
+        // A 429's cause decides whether every send waits (a quota) or not (regional capacity), and
+        // only its body says which: its start is read (as the retry layer does) and replayed.
+        let (parts, body) = res.into_parts();
+        let (res, class) = if parts.status == StatusCode::TOO_MANY_REQUESTS {
+            let remaining = deadline.map(|d| d.saturating_duration_since(at));
+            match Box::pin(read_error_body(body, remaining)).await {
+                Ok((prefix, body)) => {
+                    let class = classify::classify_response(
+                        parts.status,
+                        &parts.headers,
+                        Some(&prefix),
+                        SystemTime::now(),
+                    );
+                    (Response::from_parts(parts, body), class)
+                }
+                Err(e) => {
+                    guard.finish(Outcome::Transient(TransientKind::Connect));
+                    return Err(e);
+                }
+            }
+        } else {
+            let class =
+                classify::classify_response(parts.status, &parts.headers, None, SystemTime::now());
+            (
+                Response::from_parts(parts, RetryBody::passthrough(body)),
+                class,
+            )
+        };
         {
-            state.limit.on_server_hold(until);
+            let mut state = shared.lock();
+            state
+                .pacer
+                .on_response_to(at, guard.sent_at(at), res.headers());
+            if class.outcome.is_throttle()
+                && let Some(until) =
+                    state
+                        .pacer
+                        .on_throttle(at, class.outcome, class.hint.map(|h| h.delay))
+            {
+                state.limit.on_server_hold(until);
+            }
         }
-    }
-    if class.outcome == Outcome::Success {
-        // The service works on a success until its body ends: the body holds the permit.
-        Ok(res.map(|body| LimitBody::new(body, Some(guard))))
-    } else {
-        // A failure is over when its headers arrive: count it now (a throttle cuts at once).
-        guard.finish(class.outcome);
-        Ok(res.map(|body| LimitBody::new(body, None)))
+        if class.outcome == Outcome::Success {
+            // The service works on a success until its body ends: the body holds the permit.
+            Ok(res.map(|body| LimitBody::new(body, Some(guard))))
+        } else {
+            // A failure is over when its headers arrive: count it now (a throttle cuts at once).
+            guard.finish(class.outcome);
+            Ok(res.map(|body| LimitBody::new(body, None)))
+        }
     }
 }
 

@@ -1,3 +1,4 @@
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -94,11 +95,11 @@ where
     }
 }
 
-async fn run<S, B, ResBody>(
+fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,
     req: Request<B>,
-) -> Result<Response<RetryBody<ResBody>>, BoxError>
+) -> impl Future<Output = Result<Response<RetryBody<ResBody>>, BoxError>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
@@ -106,104 +107,106 @@ where
     ResBody: Body<Data = Bytes> + Unpin,
     ResBody::Error: Into<BoxError>,
 {
-    let policy = shared.policy;
-    let caller_deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-    let mut call = {
-        let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
-        policy.start(now(), caller_deadline, &mut budget)
-    };
-    let mut first = true;
-    loop {
-        if !first {
-            svc.ready().await.map_err(Into::into)?;
-        }
-        let sent_at = now();
-        let retry = !first;
-        first = false;
-        let attempt = svc.call(req.clone()).await.map_err(Into::into);
-        let latency = now().saturating_duration_since(sent_at);
-        let (class, result) = match attempt {
-            Ok(res) if classify::needs_body(res.status()) => {
-                let (parts, body) = res.into_parts();
-                let remaining = call.remaining(now());
-                // Boxed: an error is the exception, and its read should not grow every call's future.
-                match Box::pin(read_error_body(body, remaining)).await {
-                    Ok((prefix, body)) => {
-                        let class = classify::classify_response(
-                            parts.status,
-                            &parts.headers,
-                            Some(prefix.as_ref()),
-                            SystemTime::now(),
-                        );
-                        (class, Ok(Response::from_parts(parts, body)))
-                    }
-                    Err(e) => (classify::classify_error(TransportError::Connect), Err(e)),
-                }
-            }
-            Ok(res) => {
-                let class = classify::classify_response(
-                    res.status(),
-                    res.headers(),
-                    None,
-                    SystemTime::now(),
-                );
-                (class, Ok(res.map(RetryBody::passthrough)))
-            }
-            // A 403 block is final: the router sends nothing more to a blocked resource. So is
-            // the limiter's refusal: its queue was full or its wait would pass the deadline, and
-            // backing off here would only queue the call again.
-            Err(e)
-                if e.is::<crate::policy::route::BlockedError>()
-                    || e.is::<crate::limit::Overloaded>() =>
-            {
-                return Err(e);
-            }
-            Err(e) => (classify::classify_error(transport_error(&*e)), Err(e)),
-        };
-        if let Some(stats) = &shared.stats {
-            stats.record(Attempt {
-                backend: PASSTHROUGH_BACKEND,
-                region: None,
-                class: &class,
-                headers: result.as_ref().ok().map(|r| r.headers()),
-                latency: Some(latency),
-                retry,
-                hedge: false,
-                wall_now: SystemTime::now(),
-            });
-        }
-        let action = {
+    async move {
+        let policy = &shared.policy;
+        let caller_deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+        let mut call = {
             let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
-            policy.on_attempt(&mut call, &class, now(), &mut budget, &mut rng)
+            policy.start(now(), caller_deadline, &mut budget)
         };
-        match action {
-            Action::Retry { after, hint } => {
-                tracing::debug!(
-                    attempt = call.attempts(),
-                    outcome = class.outcome.as_str(),
-                    wait_ms = after.as_millis() as u64,
-                    hint = hint.map(|h| h.as_str()),
-                    "tower_aoai: retrying"
-                );
-                // The failed response (and its connection) is released before the wait.
-                drop(result);
-                Box::pin(tokio::time::sleep(after)).await;
+        let mut first = true;
+        loop {
+            if !first {
+                svc.ready().await.map_err(Into::into)?;
             }
-            Action::GiveUp(reason) => {
-                tracing::info!(
-                    attempts = call.attempts(),
-                    outcome = class.outcome.as_str(),
-                    reason = reason.as_str(),
-                    "tower_aoai: giving up"
-                );
-                return result.map(|mut res| {
-                    res.headers_mut()
-                        .insert("x-should-retry", HeaderValue::from_static("false"));
-                    res
+            let sent_at = now();
+            let retry = !first;
+            first = false;
+            let attempt = svc.call(req.clone()).await.map_err(Into::into);
+            let latency = now().saturating_duration_since(sent_at);
+            let (class, result) = match attempt {
+                Ok(res) if classify::needs_body(res.status()) => {
+                    let (parts, body) = res.into_parts();
+                    let remaining = call.remaining(now());
+                    // Boxed: an error is the exception, and its read should not grow every call's future.
+                    match Box::pin(read_error_body(body, remaining)).await {
+                        Ok((prefix, body)) => {
+                            let class = classify::classify_response(
+                                parts.status,
+                                &parts.headers,
+                                Some(prefix.as_ref()),
+                                SystemTime::now(),
+                            );
+                            (class, Ok(Response::from_parts(parts, body)))
+                        }
+                        Err(e) => (classify::classify_error(TransportError::Connect), Err(e)),
+                    }
+                }
+                Ok(res) => {
+                    let class = classify::classify_response(
+                        res.status(),
+                        res.headers(),
+                        None,
+                        SystemTime::now(),
+                    );
+                    (class, Ok(res.map(RetryBody::passthrough)))
+                }
+                // A 403 block is final: the router sends nothing more to a blocked resource. So is
+                // the limiter's refusal: its queue was full or its wait would pass the deadline, and
+                // backing off here would only queue the call again.
+                Err(e)
+                    if e.is::<crate::policy::route::BlockedError>()
+                        || e.is::<crate::limit::Overloaded>() =>
+                {
+                    return Err(e);
+                }
+                Err(e) => (classify::classify_error(transport_error(&*e)), Err(e)),
+            };
+            if let Some(stats) = &shared.stats {
+                stats.record(Attempt {
+                    backend: PASSTHROUGH_BACKEND,
+                    region: None,
+                    class: &class,
+                    headers: result.as_ref().ok().map(|r| r.headers()),
+                    latency: Some(latency),
+                    retry,
+                    hedge: false,
+                    wall_now: SystemTime::now(),
                 });
             }
-            _ => return result,
+            let action = {
+                let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rng = shared.rng.lock().unwrap_or_else(|e| e.into_inner());
+                policy.on_attempt(&mut call, &class, now(), &mut budget, &mut rng)
+            };
+            match action {
+                Action::Retry { after, hint } => {
+                    tracing::debug!(
+                        attempt = call.attempts(),
+                        outcome = class.outcome.as_str(),
+                        wait_ms = after.as_millis() as u64,
+                        hint = hint.map(|h| h.as_str()),
+                        "tower_aoai: retrying"
+                    );
+                    // The failed response (and its connection) is released before the wait.
+                    drop(result);
+                    Box::pin(tokio::time::sleep(after)).await;
+                }
+                Action::GiveUp(reason) => {
+                    tracing::info!(
+                        attempts = call.attempts(),
+                        outcome = class.outcome.as_str(),
+                        reason = reason.as_str(),
+                        "tower_aoai: giving up"
+                    );
+                    return result.map(|mut res| {
+                        res.headers_mut()
+                            .insert("x-should-retry", HeaderValue::from_static("false"));
+                        res
+                    });
+                }
+                _ => return result,
+            }
         }
     }
 }

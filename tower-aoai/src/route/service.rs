@@ -104,7 +104,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture::new(run(self.services.clone(), self.shared.clone(), req))
+        let (parts, body) = req.into_parts();
+        ResponseFuture::new(run(self.services.clone(), self.shared.clone(), parts, body))
     }
 }
 
@@ -124,6 +125,13 @@ struct InFlight {
     done: bool,
 }
 
+impl InFlight {
+    /// The attempt ended with an outcome (reported by the caller, not as a cancellation).
+    fn finished(&mut self) {
+        self.done = true;
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
@@ -132,11 +140,12 @@ impl Drop for InFlight {
     }
 }
 
-async fn run<S, B, ResBody>(
+fn run<S, B, ResBody>(
     services: Arc<Vec<S>>,
     shared: Arc<Shared>,
-    req: Request<B>,
-) -> Res<ResBody>
+    parts: http::request::Parts,
+    body: B,
+) -> impl Future<Output = Res<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -146,70 +155,72 @@ where
     ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-    let (parts, body) = req.into_parts();
-    let mut call = shared.lock().router.start(now(), deadline);
-    let mut last: Option<Finished<ResBody>> = None;
-    loop {
-        let pick = {
-            let mut core = shared.lock();
-            let core = &mut *core;
-            core.router
-                .pick(&call, now(), &*shared.headroom, &mut core.rng)
-        };
-        let primary = match pick {
-            Pick::Send(id) => id,
-            Pick::Wait(at) => {
-                tracing::debug!(
-                    wait_ms = at.saturating_duration_since(now()).as_millis() as u64,
-                    "tower_aoai: no usable backend; waiting for the first to come back"
-                );
-                Box::pin(tokio::time::sleep_until(at.into())).await;
-                continue;
-            }
-            Pick::GiveUp(no) => {
-                let last_blocked = last.as_ref().is_none_or(|l| l.outcome == Outcome::Blocked);
-                if let Some(record) = no.blocked
-                    && last_blocked
-                {
-                    return Err(BlockedError::new(record).into());
+    async move {
+        let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let mut call = shared.lock().router.start(now(), deadline);
+        let mut last: Option<Finished<ResBody>> = None;
+        loop {
+            let pick = {
+                let mut core = shared.lock();
+                let core = &mut *core;
+                core.router
+                    .pick(&call, now(), &*shared.headroom, &mut core.rng)
+            };
+            let primary = match pick {
+                Pick::Send(id) => id,
+                Pick::Wait(at) => {
+                    tracing::debug!(
+                        wait_ms = at.saturating_duration_since(now()).as_millis() as u64,
+                        "tower_aoai: no usable backend; waiting for the first to come back"
+                    );
+                    Box::pin(tokio::time::sleep_until(at.into())).await;
+                    continue;
                 }
-                return match last {
-                    Some(l) => l.result,
-                    None => Err(NoBackendError {
-                        retry_after: no.next_usable.map(|t| t.saturating_duration_since(now())),
+                Pick::GiveUp(no) => {
+                    let last_blocked = last.as_ref().is_none_or(|l| l.outcome == Outcome::Blocked);
+                    if let Some(record) = no.blocked
+                        && last_blocked
+                    {
+                        return Err(BlockedError::new(record).into());
                     }
-                    .into()),
-                };
+                    return match last {
+                        Some(l) => l.result,
+                        None => Err(NoBackendError {
+                            retry_after: no.next_usable.map(|t| t.saturating_duration_since(now())),
+                        }
+                        .into()),
+                    };
+                }
+            };
+            let first = send(&services, &shared, &mut call, primary, &parts, &body)?;
+            let hedge_after = shared.lock().router.hedge_delay(&call, primary, now());
+            let f = match hedge_after {
+                None => first.await,
+                Some(after) => {
+                    // Boxed: only a call that may hedge needs the race's state.
+                    Box::pin(race_with_hedge(
+                        first,
+                        after,
+                        &services,
+                        &shared,
+                        &mut call,
+                        primary,
+                        &parts,
+                        body.clone(),
+                    ))
+                    .await
+                }
+            };
+            if f.step == Step::Return {
+                return f.result;
             }
-        };
-        let first = send(&services, &shared, &mut call, primary, &parts, &body)?;
-        let hedge_after = shared.lock().router.hedge_delay(&call, primary, now());
-        let f = match hedge_after {
-            None => first.await,
-            Some(after) => {
-                race_with_hedge(
-                    first,
-                    after,
-                    &services,
-                    &shared,
-                    &mut call,
-                    primary,
-                    &parts,
-                    body.clone(),
-                )
-                .await
-            }
-        };
-        if f.step == Step::Return {
-            return f.result;
+            tracing::debug!(
+                backend = primary.index(),
+                outcome = f.outcome.as_str(),
+                "tower_aoai: failing over"
+            );
+            last = Some(f);
         }
-        tracing::debug!(
-            backend = primary.index(),
-            outcome = f.outcome.as_str(),
-            "tower_aoai: failing over"
-        );
-        last = Some(f);
     }
 }
 
@@ -260,118 +271,124 @@ where
     Ok(Box::pin(attempt(svc, req, guard, sent_at, deadline)))
 }
 
-async fn attempt<S, B, ResBody>(
+fn attempt<S, B, ResBody>(
     svc: S,
     req: Request<B>,
     mut guard: InFlight,
     sent_at: Instant,
     deadline: Option<Instant>,
-) -> Finished<ResBody>
+) -> impl Future<Output = Finished<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Unpin,
     ResBody::Error: Into<BoxError>,
 {
-    let id = guard.id;
-    let result = match svc.oneshot(req).await {
-        Ok(res) => Ok(res),
-        Err(e) => Err(e.into()),
-    };
-    let latency = now().saturating_duration_since(sent_at);
-    let (class, result, record) = match result {
-        Err(e) if e.is::<crate::limit::Overloaded>() => {
-            // The backend's own limiter refused to send (its queue is full or the wait would
-            // pass the deadline): nothing reached the backend, so its breaker learns nothing (the
-            // guard reports the attempt cancelled) and the call moves on to another backend.
-            drop(guard);
-            return Finished {
-                outcome: classify::classify_error(TransportError::Connect).outcome,
-                step: Step::FailOver,
-                result: Err(e),
-            };
-        }
-        Ok(res) if classify::needs_body(res.status()) => {
-            let (parts, body) = res.into_parts();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now()));
-            // Boxed: an error is the exception, and its read should not grow every call's future.
-            match Box::pin(read_error_body(body, remaining)).await {
-                Ok((prefix, body)) => {
-                    let wall = SystemTime::now();
-                    let class = classify::classify_response(
-                        parts.status,
-                        &parts.headers,
-                        Some(&prefix),
-                        wall,
-                    );
-                    let record = (class.outcome == Outcome::Blocked).then(|| {
-                        let core = guard.shared.lock();
-                        let backends = core.router.backends();
-                        let b = backends.get(id);
-                        SupportRecord::new(
-                            b.name(),
-                            backends.resource_host(backends.resource(id)),
-                            b.deployment(),
-                            b.region(),
+    async move {
+        let id = guard.id;
+        let result = match svc.oneshot(req).await {
+            Ok(res) => Ok(res),
+            Err(e) => Err(e.into()),
+        };
+        let latency = now().saturating_duration_since(sent_at);
+        let (class, result, record) = match result {
+            Err(e) if e.is::<crate::limit::Overloaded>() => {
+                // The backend's own limiter refused to send (its queue is full or the wait would
+                // pass the deadline): nothing reached the backend, so its breaker learns nothing (the
+                // guard reports the attempt cancelled) and the call moves on to another backend.
+                drop(guard);
+                return Finished {
+                    outcome: classify::classify_error(TransportError::Connect).outcome,
+                    step: Step::FailOver,
+                    result: Err(e),
+                };
+            }
+            Ok(res) if classify::needs_body(res.status()) => {
+                let (parts, body) = res.into_parts();
+                let remaining = deadline.map(|d| d.saturating_duration_since(now()));
+                // Boxed: an error is the exception, and its read should not grow every call's future.
+                match Box::pin(read_error_body(body, remaining)).await {
+                    Ok((prefix, body)) => {
+                        let wall = SystemTime::now();
+                        let class = classify::classify_response(
                             parts.status,
                             &parts.headers,
-                            &prefix,
+                            Some(&prefix),
                             wall,
-                        )
-                    });
-                    (class, Ok(Response::from_parts(parts, body)), record)
+                        );
+                        let record = (class.outcome == Outcome::Blocked).then(|| {
+                            let core = guard.shared.lock();
+                            let backends = core.router.backends();
+                            let b = backends.get(id);
+                            SupportRecord::new(
+                                b.name(),
+                                backends.resource_host(backends.resource(id)),
+                                b.deployment(),
+                                b.region(),
+                                parts.status,
+                                &parts.headers,
+                                &prefix,
+                                wall,
+                            )
+                        });
+                        (class, Ok(Response::from_parts(parts, body)), record)
+                    }
+                    Err(e) => (
+                        classify::classify_error(TransportError::Connect),
+                        Err(e),
+                        None,
+                    ),
                 }
-                Err(e) => (
-                    classify::classify_error(TransportError::Connect),
-                    Err(e),
+            }
+            Ok(res) => {
+                let class = classify::classify_response(
+                    res.status(),
+                    res.headers(),
                     None,
-                ),
-            }
-        }
-        Ok(res) => {
-            let class =
-                classify::classify_response(res.status(), res.headers(), None, SystemTime::now());
-            (class, Ok(res.map(RetryBody::passthrough)), None)
-        }
-        Err(e) => (classify::classify_error(transport_error(&*e)), Err(e), None),
-    };
-    let step = {
-        let mut core = guard.shared.lock();
-        let core = &mut *core;
-        guard.done = true;
-        if let Some(stats) = &core.stats {
-            let backend = core.router.backends().get(id);
-            stats.record(Attempt {
-                backend: backend.name(),
-                region: backend.region(),
-                class: &class,
-                headers: result.as_ref().ok().map(|r| r.headers()),
-                latency: Some(latency),
-                retry: false,
-                hedge: false,
-                wall_now: SystemTime::now(),
-            });
-            if let Some(record) = &record {
-                stats.with(|s| s.record_block(record.clone()));
-            }
-        }
-        match record {
-            Some(record) => {
-                tracing::warn!(
-                    backend = core.router.backends().get(id).name(),
-                    "tower_aoai: resource blocked (403); no traffic goes there for a while:\n{record}"
+                    SystemTime::now(),
                 );
-                core.router.on_blocked(id, record, now())
+                (class, Ok(res.map(RetryBody::passthrough)), None)
             }
-            None => core
-                .router
-                .on_response(id, &class, latency, now(), &mut core.rng),
+            Err(e) => (classify::classify_error(transport_error(&*e)), Err(e), None),
+        };
+        guard.finished();
+        let step = {
+            let mut core = guard.shared.lock();
+            let core = &mut *core;
+            if let Some(stats) = &core.stats {
+                let backend = core.router.backends().get(id);
+                stats.record(Attempt {
+                    backend: backend.name(),
+                    region: backend.region(),
+                    class: &class,
+                    headers: result.as_ref().ok().map(|r| r.headers()),
+                    latency: Some(latency),
+                    retry: false,
+                    hedge: false,
+                    wall_now: SystemTime::now(),
+                });
+                if let Some(record) = &record {
+                    stats.with(|s| s.record_block(record.clone()));
+                }
+            }
+            match record {
+                Some(record) => {
+                    tracing::warn!(
+                        backend = core.router.backends().get(id).name(),
+                        "tower_aoai: resource blocked (403); no traffic goes there for a while:\n{record}"
+                    );
+                    core.router.on_blocked(id, record, now())
+                }
+                None => core
+                    .router
+                    .on_response(id, &class, latency, now(), &mut core.rng),
+            }
+        };
+        Finished {
+            outcome: class.outcome,
+            step,
+            result,
         }
-    };
-    Finished {
-        outcome: class.outcome,
-        step,
-        result,
     }
 }
 
@@ -379,7 +396,7 @@ where
 /// usable backend (if the budget allows) and returns the first answer that ends the call, dropping
 /// the other attempt. When both fail, the later failure comes back for failover.
 #[allow(clippy::too_many_arguments)]
-async fn race_with_hedge<S, B, ResBody>(
+fn race_with_hedge<S, B, ResBody>(
     mut first: AttemptFuture<ResBody>,
     after: std::time::Duration,
     services: &Arc<Vec<S>>,
@@ -388,7 +405,7 @@ async fn race_with_hedge<S, B, ResBody>(
     primary: BackendId,
     parts: &http::request::Parts,
     body: B,
-) -> Finished<ResBody>
+) -> impl Future<Output = Finished<ResBody>>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -398,56 +415,58 @@ where
     ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let mut timer = std::pin::pin!(tokio::time::sleep(after));
-    let early = poll_fn(|cx| {
-        if let Poll::Ready(f) = first.as_mut().poll(cx) {
-            return Poll::Ready(Some(f));
-        }
-        timer.as_mut().poll(cx).map(|()| None)
-    })
-    .await;
-    if let Some(f) = early {
-        return f;
-    }
-    let hedge_to = {
-        let mut core = shared.lock();
-        let core = &mut *core;
-        core.router
-            .pick_hedge(call, primary, now(), &*shared.headroom, &mut core.rng)
-    };
-    let Some(hedge_to) = hedge_to else {
-        return first.await;
-    };
-    tracing::debug!(
-        primary = primary.index(),
-        hedge = hedge_to.index(),
-        after_ms = after.as_millis() as u64,
-        "tower_aoai: hedging a slow attempt"
-    );
-    let second = match send(services, shared, call, hedge_to, parts, &body) {
-        Ok(f) => f,
-        Err(_) => return first.await,
-    };
-    let mut attempts = [Some(first), Some(second)];
-    loop {
-        let done = poll_fn(|cx| {
-            for slot in attempts.iter_mut() {
-                if let Some(fut) = slot
-                    && let Poll::Ready(f) = fut.as_mut().poll(cx)
-                {
-                    *slot = None;
-                    return Poll::Ready(f);
-                }
+    async move {
+        let mut timer = std::pin::pin!(tokio::time::sleep(after));
+        let early = poll_fn(|cx| {
+            if let Poll::Ready(f) = first.as_mut().poll(cx) {
+                return Poll::Ready(Some(f));
             }
-            Poll::Pending
+            timer.as_mut().poll(cx).map(|()| None)
         })
         .await;
-        // The first answer that ends the call wins, and the other attempt is dropped with
-        // `attempts` (its connection closed, its permit released, the router told it was
-        // cancelled). A failure waits for the other attempt; when both failed, the later one
-        // goes back for failover.
-        if done.step == Step::Return || attempts.iter().all(Option::is_none) {
-            return done;
+        if let Some(f) = early {
+            return f;
+        }
+        let hedge_to = {
+            let mut core = shared.lock();
+            let core = &mut *core;
+            core.router
+                .pick_hedge(call, primary, now(), &*shared.headroom, &mut core.rng)
+        };
+        let Some(hedge_to) = hedge_to else {
+            return first.await;
+        };
+        tracing::debug!(
+            primary = primary.index(),
+            hedge = hedge_to.index(),
+            after_ms = after.as_millis() as u64,
+            "tower_aoai: hedging a slow attempt"
+        );
+        let second = match send(services, shared, call, hedge_to, parts, &body) {
+            Ok(f) => f,
+            Err(_) => return first.await,
+        };
+        let mut attempts = [Some(first), Some(second)];
+        loop {
+            let done = poll_fn(|cx| {
+                for slot in attempts.iter_mut() {
+                    if let Some(fut) = slot
+                        && let Poll::Ready(f) = fut.as_mut().poll(cx)
+                    {
+                        *slot = None;
+                        return Poll::Ready(f);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            // The first answer that ends the call wins, and the other attempt is dropped with
+            // `attempts` (its connection closed, its permit released, the router told it was
+            // cancelled). A failure waits for the other attempt; when both failed, the later one
+            // goes back for failover.
+            if done.step == Step::Return || attempts.iter().all(Option::is_none) {
+                return done;
+            }
         }
     }
 }
