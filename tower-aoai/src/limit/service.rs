@@ -275,6 +275,8 @@ where
     }
 }
 
+// Not an `async fn`: see the note in `crate::future`.
+#[allow(clippy::manual_async_fn)]
 fn run<S, B, ResBody>(
     mut svc: S,
     shared: Arc<Shared>,

@@ -140,6 +140,8 @@ impl Drop for InFlight {
     }
 }
 
+// Not an `async fn`: see the note in `crate::future`.
+#[allow(clippy::manual_async_fn)]
 fn run<S, B, ResBody>(
     services: Arc<Vec<S>>,
     shared: Arc<Shared>,
@@ -271,6 +273,8 @@ where
     Ok(Box::pin(attempt(svc, req, guard, sent_at, deadline)))
 }
 
+// Not an `async fn`: see the note in `crate::future`.
+#[allow(clippy::manual_async_fn)]
 fn attempt<S, B, ResBody>(
     svc: S,
     req: Request<B>,
@@ -396,6 +400,8 @@ where
 /// usable backend (if the budget allows) and returns the first answer that ends the call, dropping
 /// the other attempt. When both fail, the later failure comes back for failover.
 #[allow(clippy::too_many_arguments)]
+// Not an `async fn`: see the note in `crate::future`.
+#[allow(clippy::manual_async_fn)]
 fn race_with_hedge<S, B, ResBody>(
     mut first: AttemptFuture<ResBody>,
     after: std::time::Duration,
