@@ -184,6 +184,8 @@ class Call:
         """Seconds left before the call's deadline (None: no deadline)."""
     def error_body_wait(self) -> float:
         """Seconds to wait, at most, for the start of an error body (10 s, never past the deadline)."""
+    def set_origin(self, origin: str) -> None:
+        """Names the request's host[:port] for a passthrough engine's 403 support record."""
     def forget(self) -> None:
         """Ends the call: it leaves the permit queue (queue_depth) if it waited there. Idempotent."""
     def hedge_delay(self, primary: Attempt) -> float | None:
@@ -211,6 +213,14 @@ class Attempt:
         self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
     ) -> tuple[str, list[tuple[bytes, bytes]], bytes | None]:
         """The request for the attempt's backend: (url, headers, new body or None)."""
+    def rewrite_edits(
+        self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
+    ) -> (
+        tuple[str, list[str], list[tuple[str, str]], bytes | None]
+        | tuple[str, None, list[tuple[bytes, bytes]], bytes | None]
+    ):
+        """The rewrite as edits: (url, names to remove, (name, value) to set, new body or None);
+        when it cannot be said as edits, (url, None, the whole header list, new body or None)."""
     def on_response(
         self,
         status: int,

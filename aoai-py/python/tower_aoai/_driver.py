@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure, Lease
 from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
@@ -216,6 +216,10 @@ def _failure_error(failure: Failure) -> TowerAoaiError:
     return DeadlineExceededError(failure.message)
 
 
+#: The statuses whose body start the engine classifies on: ``Call.needs_body`` asked once, not
+#: across the Rust boundary on every response.
+_NEEDS_BODY = frozenset(status for status in range(100, 1000) if Call.needs_body(status))
+
 #: Parsed backend URLs kept per transport (httpx's URL parser costs more than the whole Rust
 #: decision); a handful of deployments x API versions x backends in practice.
 _URL_CACHE_SIZE = 256
@@ -223,21 +227,36 @@ _URL_CACHE_SIZE = 256
 
 def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt) -> Any:
     """The request as the attempt's backend needs it (host, deployment, model, auth)."""
-    url, headers, body = attempt.rewrite(str(request.url), request.headers.raw, request.content)
+    url, removed, changed, body = attempt.rewrite_edits(str(request.url), request.headers.raw, request.content)
     target = urls.get(url)
     if target is None:
         if len(urls) >= _URL_CACHE_SIZE:
             urls.clear()
         target = urls[url] = http.URL(url)
-    # The original stream is a replayable ByteStream (the request was read); headers carry the
-    # rewritten host and, for a rewritten body, its length.
-    return http.Request(
-        request.method,
-        target,
-        headers=headers,
-        stream=request.stream if body is None else http.ByteStream(body),
-        extensions=request.extensions,
-    )
+    if removed is None:
+        headers = http.Headers(changed)
+    else:
+        # Edit a copy (a list copy) rather than rebuild every header: httpx normalises each one.
+        original = request.headers
+        headers = http.Headers(original)
+        for name in removed:
+            del headers[name]
+        for name, value in cast("list[tuple[str, str]]", changed):
+            headers[name] = value
+    # A copy of the request with every attribute it has (whatever the httpx version), without
+    # `Request.__init__`, which would parse the URL and headers again. The original stream is a
+    # replayable ByteStream (the request was read); headers carry the rewritten host and, for a
+    # rewritten body, its length.
+    sent = object.__new__(type(request))
+    attributes = vars(sent)
+    attributes.update(vars(request))
+    sent.url = target
+    sent.headers = headers
+    sent.extensions = dict(request.extensions)
+    if body is not None:
+        sent.stream = http.ByteStream(body)
+        attributes.pop("_content", None)  # the new body is read from its stream
+    return sent
 
 
 def _log_attempt(
@@ -288,6 +307,8 @@ _Sent = tuple[Any, "BaseException | None", Any]
 class _Base:
     _http: ClassVar[ModuleType]
     _engine: Engine
+    #: Whether the engine sends requests where they point (no backends): fixed at construction.
+    _passthrough: bool
     _inner: Any
     #: Attempts of this transport that ended (a queued call waits for this to move).
     _ends: int
@@ -327,6 +348,7 @@ class SyncDriver(_Base):
         settings: dict[str, Any],
     ) -> None:
         self._engine = _engine(engine, settings)
+        self._passthrough = self._engine.passthrough
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
         self._ended = threading.Condition()
@@ -337,7 +359,7 @@ class SyncDriver(_Base):
     def handle_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
         request.read()  # replayable from here on
-        call = self._engine.start(request.content, _origin(request) if self._engine.passthrough else None)
+        call = self._engine.start(request.content)
         while True:
             seen = self._ends
             step, value = call.next()
@@ -345,8 +367,10 @@ class SyncDriver(_Base):
                 assert isinstance(value, Attempt)
                 try:
                     response, error, after = self._attempt(request, call, value)
+                except BaseException:
+                    value.cancel()  # its permit goes back (an outcome, once fed, took it)
+                    raise
                 finally:
-                    value.cancel()  # a no-op once the attempt has its outcome
                     self._attempt_ended()
                 _log_attempt(request, call, value, response, after)
                 action = after[0]
@@ -384,11 +408,13 @@ class SyncDriver(_Base):
 
     def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = _rewrite(self._http, self._urls, request, attempt) if attempt.rewrites else request
+        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt)
         response = None
         try:
             response = self._inner.handle_request(sent)
-            if call.needs_body(response.status_code):
+            if response.status_code in _NEEDS_BODY:
+                if self._passthrough:
+                    call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = self._read_prefix(response, call)
                 after, lease = attempt.on_response_streamed(
                     response.status_code, response.headers.raw, _for_classification(prefix, response)
@@ -468,6 +494,7 @@ class AsyncDriver(_Base):
         settings: dict[str, Any],
     ) -> None:
         self._engine = _engine(engine, settings)
+        self._passthrough = self._engine.passthrough
         self._inner = transport if transport is not None else self._http.AsyncHTTPTransport()
         self._sleep = asyncio.sleep if sleep is None else sleep
         self._waiters = []
@@ -479,7 +506,7 @@ class AsyncDriver(_Base):
     async def handle_async_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
         await request.aread()  # replayable from here on
-        call = self._engine.start(request.content, _origin(request) if self._engine.passthrough else None)
+        call = self._engine.start(request.content)
         while True:
             seen = self._ends
             step, value = call.next()
@@ -489,8 +516,10 @@ class AsyncDriver(_Base):
                 if delay is None:
                     try:
                         response, error, after = await self._attempt(request, call, value)
+                    except BaseException:
+                        value.cancel()  # its permit goes back (an outcome, once fed, took it)
+                        raise
                     finally:
-                        value.cancel()  # a no-op once the attempt has its outcome
                         self._attempt_ended()
                     _log_attempt(request, call, value, response, after)
                 else:
@@ -603,11 +632,13 @@ class AsyncDriver(_Base):
 
     async def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = _rewrite(self._http, self._urls, request, attempt) if attempt.rewrites else request
+        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt)
         response = None
         try:
             response = await self._inner.handle_async_request(sent)
-            if call.needs_body(response.status_code):
+            if response.status_code in _NEEDS_BODY:
+                if self._passthrough:
+                    call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = await self._read_prefix(response, call)
                 after, lease = attempt.on_response_streamed(
                     response.status_code, response.headers.raw, _for_classification(prefix, response)
