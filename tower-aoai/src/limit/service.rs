@@ -4,7 +4,7 @@ use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
@@ -19,7 +19,8 @@ use crate::driver::{in_memory_body, now, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
-use crate::retry::{Deadline, RetryBody, read_error_body};
+use crate::retry::body::Classified;
+use crate::retry::{Deadline, RetryBody};
 
 /// Bodies larger than this are not read to estimate their tokens (the estimate then assumes the
 /// default completion budget and no prompt).
@@ -323,34 +324,22 @@ where
             }
         };
         let at = now();
-        // A 429's cause decides whether every send waits (a quota) or not (regional capacity), and
-        // only its body says which: its start is read (as the retry layer does) and replayed.
-        let (parts, body) = res.into_parts();
-        let (res, class) = if parts.status == StatusCode::TOO_MANY_REQUESTS {
+        // A 429's cause decides whether every send waits (a quota) or not (regional capacity),
+        // and only its body says which: its start is read (as the retry layer does), in a boxed
+        // future, and replayed.
+        let classified = if res.status() == StatusCode::TOO_MANY_REQUESTS {
             let remaining = deadline.map(|d| d.saturating_duration_since(at));
-            match Box::pin(read_error_body(body, remaining)).await {
-                Ok((prefix, body)) => {
-                    let class = classify::classify_response(
-                        parts.status,
-                        &parts.headers,
-                        Some(&prefix),
-                        SystemTime::now(),
-                    );
-                    (Response::from_parts(parts, body), class)
-                }
+            match Box::pin(Classified::read(res, remaining)).await {
+                Ok(c) => c,
                 Err(e) => {
                     guard.finish(Outcome::Transient(TransientKind::Connect));
                     return Err(e);
                 }
             }
         } else {
-            let class =
-                classify::classify_response(parts.status, &parts.headers, None, SystemTime::now());
-            (
-                Response::from_parts(parts, RetryBody::passthrough(body)),
-                class,
-            )
+            Classified::unread(res)
         };
+        let (res, class) = (classified.response, classified.class);
         {
             let mut state = shared.lock();
             state

@@ -1,14 +1,14 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
+use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::BoxError;
 
-use crate::policy::classify::{MAX_ERROR_BODY, error_body_wait};
+use crate::policy::classify::{self, Classification, MAX_ERROR_BODY, error_body_wait};
 
 /// The response body of [`Retry`](super::Retry): the inner body untouched, or, for an error
 /// response whose start was read to classify it, that start followed by the rest.
@@ -161,4 +161,51 @@ where
         inner_done: done,
     };
     Ok((prefix, body))
+}
+
+/// An attempt's response with its classification: what the retry, route and limit layers each
+/// need before they decide.
+pub(crate) struct Classified<B> {
+    pub(crate) class: Classification,
+    pub(crate) response: Response<RetryBody<B>>,
+    /// The start of the body that was read to classify it (empty when none was).
+    pub(crate) prefix: Bytes,
+    /// When it was classified (wall clock).
+    pub(crate) wall: SystemTime,
+}
+
+impl<B> Classified<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Classifies `res` on its status and headers alone; its body is passed through unread.
+    pub(crate) fn unread(res: Response<B>) -> Self {
+        let wall = SystemTime::now();
+        let class = classify::classify_response(res.status(), res.headers(), None, wall);
+        Self {
+            class,
+            response: res.map(RetryBody::passthrough),
+            prefix: Bytes::new(),
+            wall,
+        }
+    }
+
+    /// Reads the start of `res`'s body ([`read_error_body`]), classifies the response with it,
+    /// and replays it before the rest.
+    pub(crate) async fn read(
+        res: Response<B>,
+        remaining: Option<Duration>,
+    ) -> Result<Self, BoxError> {
+        let (parts, body) = res.into_parts();
+        let (prefix, body) = read_error_body(body, remaining).await?;
+        let wall = SystemTime::now();
+        let class = classify::classify_response(parts.status, &parts.headers, Some(&prefix), wall);
+        Ok(Self {
+            class,
+            response: Response::from_parts(parts, body),
+            prefix,
+            wall,
+        })
+    }
 }

@@ -60,12 +60,11 @@
 //! # }
 //! ```
 
-mod body;
+pub(crate) mod body;
 mod layer;
 mod service;
 
 pub use crate::future::ResponseFuture;
 pub use body::RetryBody;
-pub(crate) use body::read_error_body;
 pub use layer::RetryLayer;
 pub use service::{Deadline, Retry};

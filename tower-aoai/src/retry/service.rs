@@ -9,7 +9,7 @@ use http_body::Body;
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
-use super::body::{RetryBody, read_error_body};
+use super::body::{Classified, RetryBody};
 use super::layer::Shared;
 use crate::driver::{now, transport_error};
 use crate::future::ResponseFuture;
@@ -127,31 +127,18 @@ where
             let attempt = svc.call(req.clone()).await.map_err(Into::into);
             let latency = now().saturating_duration_since(sent_at);
             let (class, result) = match attempt {
-                Ok(res) if classify::needs_body(res.status()) => {
-                    let (parts, body) = res.into_parts();
-                    let remaining = call.remaining(now());
-                    // Boxed: an error is the exception, and its read should not grow every call's future.
-                    match Box::pin(read_error_body(body, remaining)).await {
-                        Ok((prefix, body)) => {
-                            let class = classify::classify_response(
-                                parts.status,
-                                &parts.headers,
-                                Some(prefix.as_ref()),
-                                SystemTime::now(),
-                            );
-                            (class, Ok(Response::from_parts(parts, body)))
-                        }
+                Ok(res) => {
+                    // An error's body is read in a boxed future: an error is the exception, and
+                    // its read should not grow every call's future.
+                    let classified = if classify::needs_body(res.status()) {
+                        Box::pin(Classified::read(res, call.remaining(now()))).await
+                    } else {
+                        Ok(Classified::unread(res))
+                    };
+                    match classified {
+                        Ok(c) => (c.class, Ok(c.response)),
                         Err(e) => (classify::classify_error(TransportError::Connect), Err(e)),
                     }
-                }
-                Ok(res) => {
-                    let class = classify::classify_response(
-                        res.status(),
-                        res.headers(),
-                        None,
-                        SystemTime::now(),
-                    );
-                    (class, Ok(res.map(RetryBody::passthrough)))
                 }
                 // A 403 block is final: the router sends nothing more to a blocked resource. So is
                 // the limiter's refusal: its queue was full or its wait would pass the deadline, and

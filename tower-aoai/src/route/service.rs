@@ -17,7 +17,8 @@ use crate::future::ResponseFuture;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
 use crate::policy::stats::Attempt;
-use crate::retry::{Deadline, RetryBody, read_error_body};
+use crate::retry::body::Classified;
+use crate::retry::{Deadline, RetryBody};
 
 /// Routes each call to one of several backends, fails over and hedges. See the
 /// [module docs](crate::route).
@@ -307,20 +308,18 @@ where
                     result: Err(e),
                 };
             }
-            Ok(res) if classify::needs_body(res.status()) => {
-                let (parts, body) = res.into_parts();
-                let remaining = deadline.map(|d| d.saturating_duration_since(now()));
-                // Boxed: an error is the exception, and its read should not grow every call's future.
-                match Box::pin(read_error_body(body, remaining)).await {
-                    Ok((prefix, body)) => {
-                        let wall = SystemTime::now();
-                        let class = classify::classify_response(
-                            parts.status,
-                            &parts.headers,
-                            Some(&prefix),
-                            wall,
-                        );
-                        let record = (class.outcome == Outcome::Blocked).then(|| {
+            Ok(res) => {
+                // An error's body is read in a boxed future: an error is the exception, and its
+                // read should not grow every call's future.
+                let classified = if classify::needs_body(res.status()) {
+                    let remaining = deadline.map(|d| d.saturating_duration_since(now()));
+                    Box::pin(Classified::read(res, remaining)).await
+                } else {
+                    Ok(Classified::unread(res))
+                };
+                match classified {
+                    Ok(c) => {
+                        let record = (c.class.outcome == Outcome::Blocked).then(|| {
                             let core = guard.shared.lock();
                             let backends = core.router.backends();
                             let b = backends.get(id);
@@ -329,13 +328,13 @@ where
                                 backends.resource_host(backends.resource(id)),
                                 b.deployment(),
                                 b.region(),
-                                parts.status,
-                                &parts.headers,
-                                &prefix,
-                                wall,
+                                c.response.status(),
+                                c.response.headers(),
+                                &c.prefix,
+                                c.wall,
                             )
                         });
-                        (class, Ok(Response::from_parts(parts, body)), record)
+                        (c.class, Ok(c.response), record)
                     }
                     Err(e) => (
                         classify::classify_error(TransportError::Connect),
@@ -343,15 +342,6 @@ where
                         None,
                     ),
                 }
-            }
-            Ok(res) => {
-                let class = classify::classify_response(
-                    res.status(),
-                    res.headers(),
-                    None,
-                    SystemTime::now(),
-                );
-                (class, Ok(res.map(RetryBody::passthrough)), None)
             }
             Err(e) => (classify::classify_error(transport_error(&*e)), Err(e), None),
         };
