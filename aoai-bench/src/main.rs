@@ -81,7 +81,8 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only the variants whose name contains this (and the bare client).
+        /// Run only the variant of this name, or else the variants whose name contains this (and
+        /// the bare client).
         #[arg(long)]
         only: Option<String>,
     },

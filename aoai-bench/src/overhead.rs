@@ -210,10 +210,17 @@ async fn measure(addr: SocketAddr, options: Options) -> Result<Value, BoxError> 
     let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
     let mut variants = variants(&base)?;
     if let Some(only) = options.only {
+        // A variant named exactly `only` runs alone; else every variant whose name contains it.
+        let exact = variants.iter().any(|(name, _)| *name == only);
         let mut i = 0;
         variants.retain(|(name, _)| {
             i += 1;
-            i == 1 || name.contains(only)
+            i == 1
+                || (if exact {
+                    *name == only
+                } else {
+                    name.contains(only)
+                })
         });
     }
     // Warm-up: connections open, limits grown out of slow start, caches warm.
