@@ -109,6 +109,9 @@ pub enum BreakerState {
 pub(crate) struct Breaker {
     state: BreakerState,
     ring: [Option<(Instant, bool)>; RING],
+    /// Failed results in `ring` (of any age): with none, no result can open the breaker, and the
+    /// ring is not scanned.
+    failures: u32,
     next: usize,
     reopens: u32,
 }
@@ -118,6 +121,7 @@ impl Breaker {
         Self {
             state: BreakerState::Closed,
             ring: [None; RING],
+            failures: 0,
             next: 0,
             reopens: 0,
         }
@@ -178,14 +182,27 @@ impl Breaker {
                 } else {
                     self.state = BreakerState::Closed;
                     self.ring = [None; RING];
+                    self.failures = 0;
                     self.reopens = 0;
                 }
             }
             // A result of an attempt sent before the breaker opened changes nothing.
             BreakerState::Open { .. } => {}
             BreakerState::Closed => {
+                if let Some((_, true)) = self.ring[self.next] {
+                    self.failures -= 1;
+                }
                 self.ring[self.next] = Some((now, failed));
+                self.failures += u32::from(failed);
                 self.next = (self.next + 1) % RING;
+                debug_assert_eq!(
+                    self.failures as usize,
+                    self.ring.iter().flatten().filter(|(_, f)| *f).count()
+                );
+                // The failure ratio is above zero: without a failure nothing can open.
+                if self.failures == 0 {
+                    return;
+                }
                 let since = now.checked_sub(policy.window);
                 let (calls, failures) = self
                     .ring
@@ -215,6 +232,7 @@ impl Breaker {
             until: now.checked_add(open_for).unwrap_or(now),
         };
         self.ring = [None; RING];
+        self.failures = 0;
     }
 }
 
