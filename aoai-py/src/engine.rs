@@ -902,37 +902,35 @@ impl Attempt {
         headers: &Bound<'py, PyAny>,
         body: Option<&[u8]>,
     ) -> PyResult<(String, Bound<'py, PyList>, Option<Bound<'py, PyBytes>>)> {
-        let (uri, map, _, new_body) = self.rewritten(py, url, headers, body)?;
-        Ok((uri, full_list(py, &map)?, new_body))
-    }
-
-    /// The rewrite as edits of the request's headers, so a driver need not rebuild them all:
-    /// `(url, removed, changed, body)` — delete the `removed` names, set each `(name, value)` of
-    /// `changed` (one per name), keep every other header as it came. When the rewrite cannot be
-    /// said that way (a header of the request was invalid, a changed name has several values, a
-    /// value is not visible ASCII), `removed` is `None` and `changed` is the whole new header
-    /// list as `(bytes, bytes)` pairs, as [`rewrite`](Self::rewrite) gives it.
-    fn rewrite_edits<'py>(
-        &self,
-        py: Python<'py>,
-        url: &str,
-        headers: &Bound<'py, PyAny>,
-        body: Option<&[u8]>,
-    ) -> PyResult<Rewritten<'py>> {
-        let (uri, map, before, new_body) = self.rewritten(py, url, headers, body)?;
-        let edits = before.and_then(|before| header_edits(&before, &map));
-        Ok(match edits {
-            Some((removed, changed)) => {
-                let removed = PyList::new(py, removed.iter().map(|n| n.as_str()))?;
-                let changed = PyList::new(py, changed)?;
-                (uri, Some(removed), changed, new_body)
-            }
-            None => (uri, None, full_list(py, &map)?, new_body),
-        })
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("invalid `url`: {e}")))?;
+        let mut parts = http::Request::new(()).into_parts().0;
+        parts.uri = uri;
+        parts.headers = header_map(py, headers)?;
+        let rewritten = self.shared.backends.rewrite(self.backend, &mut parts, body);
+        if let Some(err) = lock(&self.shared.provider_error).take() {
+            return Err(err);
+        }
+        let new_body = rewritten.map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok((
+            parts.uri.to_string(),
+            PyList::new(
+                py,
+                parts.headers.iter().map(|(name, value)| {
+                    (
+                        PyBytes::new(py, name.as_str().as_bytes()),
+                        PyBytes::new(py, value.as_bytes()),
+                    )
+                }),
+            )?,
+            new_body.map(|b| PyBytes::new(py, &b)),
+        ))
     }
 
     /// Feeds the attempt's response: `status`, raw `headers` (an iterable of `(bytes, bytes)`,
-    /// such as `response.headers.raw`) and, for statuses that need it, the body's first bytes.
+    /// such as `response.headers.raw`, or of httpx's `(name, lower-case name, value)` triples)
+    /// and, for statuses that need it, the body's first bytes.
     /// The permit goes back now, whatever the outcome.
     #[pyo3(signature = (status, headers, body_prefix = None))]
     fn on_response(
@@ -1078,46 +1076,6 @@ impl Attempt {
             *lock(&self.support_request) = text;
         }
         Ok((py_after(after, outcome), lease))
-    }
-
-    /// The request rewritten for the backend: its URL, its headers, the headers it came with
-    /// (`None` when one was invalid and skipped) and the new body, if the body changed.
-    #[allow(clippy::type_complexity)]
-    fn rewritten<'py>(
-        &self,
-        py: Python<'py>,
-        url: &str,
-        headers: &Bound<'py, PyAny>,
-        body: Option<&[u8]>,
-    ) -> PyResult<(
-        String,
-        HeaderMap,
-        Option<Vec<(HeaderName, HeaderValue)>>,
-        Option<Bound<'py, PyBytes>>,
-    )> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| PyValueError::new_err(format!("invalid `url`: {e}")))?;
-        let mut parts = http::Request::new(()).into_parts().0;
-        parts.uri = uri;
-        let mut before = Vec::with_capacity(size_hint(headers));
-        let all_valid = visit_headers(py, headers, |name, value| before.push((name, value)))?;
-        let mut map = HeaderMap::with_capacity(before.len() + 2);
-        for (name, value) in &before {
-            map.append(name.clone(), value.clone());
-        }
-        parts.headers = map;
-        let rewritten = self.shared.backends.rewrite(self.backend, &mut parts, body);
-        if let Some(err) = lock(&self.shared.provider_error).take() {
-            return Err(err);
-        }
-        let new_body = rewritten.map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok((
-            parts.uri.to_string(),
-            parts.headers,
-            all_valid.then_some(before),
-            new_body.map(|b| PyBytes::new(py, &b)),
-        ))
     }
 
     fn take_ticket(&self) -> PyResult<Ticket> {
@@ -1276,46 +1234,23 @@ impl FailureInfo {
     }
 }
 
-/// What `Attempt.rewrite_edits` returns: the URL, the names to remove (`None`: `changed` is the
-/// whole header list), the headers to set, and the new body.
-type Rewritten<'py> = (
-    String,
-    Option<Bound<'py, PyList>>,
-    Bound<'py, PyList>,
-    Option<Bound<'py, PyBytes>>,
-);
-
-/// The number of headers in `headers`, when it says (a list or tuple), for preallocation.
-fn size_hint(headers: &Bound<'_, PyAny>) -> usize {
-    headers.len().unwrap_or(0)
-}
-
-/// Builds a header map from `(bytes, bytes)` pairs, skipping (and logging at debug) any name or
-/// value that is not valid HTTP: a hostile header must not stop the call.
+/// Builds a header map from `(bytes, bytes)` pairs (or httpx's `(name, lower-case name, value)`
+/// triples), skipping (and logging at debug) any name or value that is not valid HTTP: a hostile
+/// header must not stop the call.
 fn header_map(py: Python<'_>, headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(size_hint(headers));
-    visit_headers(py, headers, |name, value| {
-        map.append(name, value);
-    })?;
-    Ok(map)
-}
-
-/// Calls `each` with every valid header of an iterable of `(bytes, bytes)` pairs, in order;
-/// an invalid one is skipped and logged. Returns whether every header was valid.
-fn visit_headers(
-    py: Python<'_>,
-    headers: &Bound<'_, PyAny>,
-    mut each: impl FnMut(HeaderName, HeaderValue),
-) -> PyResult<bool> {
-    let mut all_valid = true;
-    let mut one = |item: &Bound<'_, PyAny>| -> PyResult<()> {
+    let mut map = HeaderMap::with_capacity(headers.len().unwrap_or(0));
+    let mut add = |item: &Bound<'_, PyAny>| -> PyResult<()> {
         let not_pairs = || PyTypeError::new_err("headers must be (bytes, bytes) pairs");
+        // `(name, value)`, or httpx's own `(name, lower-case name, value)`.
         let pair = item
             .cast::<PyTuple>()
             .ok()
-            .filter(|t| t.len() == 2)
+            .filter(|t| matches!(t.len(), 2 | 3))
             .ok_or_else(not_pairs)?;
-        let (name, value) = (pair.get_borrowed_item(0)?, pair.get_borrowed_item(1)?);
+        let (name, value) = (
+            pair.get_borrowed_item(0)?,
+            pair.get_borrowed_item(pair.len() - 1)?,
+        );
         let (Ok(name), Ok(value)) = (name.cast::<PyBytes>(), value.cast::<PyBytes>()) else {
             return Err(not_pairs());
         };
@@ -1323,70 +1258,24 @@ fn visit_headers(
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(value.as_bytes()),
         ) {
-            (Ok(name), Ok(value)) => each(name, value),
-            _ => {
-                all_valid = false;
-                log_skipped_header(py, name.as_bytes());
+            (Ok(name), Ok(value)) => {
+                map.append(name, value);
             }
+            _ => log_skipped_header(py, name.as_bytes()),
         }
         Ok(())
     };
     // httpx's `headers.raw` is a list: walk it without the iterator protocol.
     if let Ok(list) = headers.cast::<PyList>() {
         for item in list.iter() {
-            one(&item)?;
+            add(&item)?;
         }
     } else {
         for item in headers.try_iter()? {
-            one(&item?)?;
+            add(&item?)?;
         }
     }
-    Ok(all_valid)
-}
-
-/// Every header of `map` as `(bytes, bytes)` pairs.
-fn full_list<'py>(py: Python<'py>, map: &HeaderMap) -> PyResult<Bound<'py, PyList>> {
-    PyList::new(
-        py,
-        map.iter().map(|(name, value)| {
-            (
-                PyBytes::new(py, name.as_str().as_bytes()),
-                PyBytes::new(py, value.as_bytes()),
-            )
-        }),
-    )
-}
-
-/// What turns the headers `before` into `after`: the names to remove, and the `(name, value)`
-/// to set (one per name); `None` when a changed name has several values or a changed value is
-/// not visible ASCII (the driver then takes the whole list).
-#[allow(clippy::type_complexity)]
-fn header_edits<'a>(
-    before: &[(HeaderName, HeaderValue)],
-    after: &'a HeaderMap,
-) -> Option<(Vec<HeaderName>, Vec<(&'a str, &'a str)>)> {
-    let mut removed: Vec<HeaderName> = Vec::new();
-    for (i, (name, _)) in before.iter().enumerate() {
-        let first = !before[..i].iter().any(|(n, _)| n == name);
-        if first && !after.contains_key(name) {
-            removed.push(name.clone());
-        }
-    }
-    let mut changed = Vec::new();
-    for name in after.keys() {
-        let old = before.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
-        let values = after.get_all(name);
-        if values.iter().eq(old) {
-            continue;
-        }
-        let mut new = values.iter();
-        let value = new.next()?;
-        if new.next().is_some() {
-            return None;
-        }
-        changed.push((name.as_str(), value.to_str().ok()?));
-    }
-    Some((removed, changed))
+    Ok(map)
 }
 
 /// Logs a skipped header on the `tower_aoai` logger (rare path: only for invalid headers).

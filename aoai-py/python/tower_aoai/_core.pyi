@@ -22,6 +22,8 @@ MAX_ERROR_BODY: Final[int]
 #: ``(action, outcome, reason)``: action ``"return"``, ``"retry"`` or ``"give_up"``; the attempt's
 #: outcome (``"success"``, ``"throttled_quota"``, ``"blocked"``, ...); the give-up reason.
 _After = tuple[Literal["return", "retry", "give_up"], str, str | None]
+#: Raw headers: ``(name, value)`` pairs, or httpx's own ``(name, lower-case name, value)`` triples.
+_Headers = Iterable[tuple[bytes, bytes] | tuple[bytes, bytes, bytes]]
 _Next = (
     tuple[Literal["send"], Attempt]
     | tuple[Literal["wait", "queue"], float]
@@ -210,28 +212,20 @@ class Attempt:
     @property
     def hedge(self) -> bool: ...
     def rewrite(
-        self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
+        self, url: str, headers: _Headers, body: bytes | None
     ) -> tuple[str, list[tuple[bytes, bytes]], bytes | None]:
         """The request for the attempt's backend: (url, headers, new body or None)."""
-    def rewrite_edits(
-        self, url: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
-    ) -> (
-        tuple[str, list[str], list[tuple[str, str]], bytes | None]
-        | tuple[str, None, list[tuple[bytes, bytes]], bytes | None]
-    ):
-        """The rewrite as edits: (url, names to remove, (name, value) to set, new body or None);
-        when it cannot be said as edits, (url, None, the whole header list, new body or None)."""
     def on_response(
         self,
         status: int,
-        headers: Iterable[tuple[bytes, bytes]],
+        headers: _Headers,
         body_prefix: bytes | None = None,
     ) -> _After:
         """Decides what follows a response; the permit goes back now."""
     def on_response_streamed(
         self,
         status: int,
-        headers: Iterable[tuple[bytes, bytes]],
+        headers: _Headers,
         body_prefix: bytes | None = None,
     ) -> tuple[_After, Lease | None]:
         """Decides what follows a response whose body is handed up as a stream: a success keeps

@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure, Lease
 from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
@@ -181,6 +181,22 @@ def _leased_stream_class(http: ModuleType) -> type:
     return LeasedStream
 
 
+@functools.cache
+def _header_triples(http: ModuleType) -> bool:
+    """Whether ``http.Headers`` keeps its headers as a ``_list`` of ``(name, lower-case name,
+    value)`` triples (every httpx and httpx2 release so far). Then the transports hand that list
+    to Rust as it is, and build a rewritten request's headers without normalising each one again
+    (which costs more than the whole rewrite); otherwise they go through ``raw`` and the
+    constructor."""
+    probe = http.Headers([(b"X-Probe", b"1")])
+    return getattr(probe, "_list", None) == [(b"X-Probe", b"x-probe", b"1")]
+
+
+def _items(headers: Any, triples: bool) -> Any:
+    """The headers for Rust: httpx's own list of triples when it has one, else ``raw`` pairs."""
+    return headers._list if triples else headers.raw
+
+
 def _for_classification(prefix: bytes, response: Any) -> bytes:
     """The body start as the classifier should see it: a gzip/deflate body is inflated (at most
     MAX_ERROR_BODY bytes); anything undecodable is passed on as it came."""
@@ -225,28 +241,24 @@ _NEEDS_BODY = frozenset(status for status in range(100, 1000) if Call.needs_body
 _URL_CACHE_SIZE = 256
 
 
-def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt) -> Any:
+def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt, triples: bool) -> Any:
     """The request as the attempt's backend needs it (host, deployment, model, auth)."""
-    url, removed, changed, body = attempt.rewrite_edits(str(request.url), request.headers.raw, request.content)
+    url, pairs, body = attempt.rewrite(str(request.url), _items(request.headers, triples), request.content)
     target = urls.get(url)
     if target is None:
         if len(urls) >= _URL_CACHE_SIZE:
             urls.clear()
         target = urls[url] = http.URL(url)
-    if removed is None:
-        headers = http.Headers(changed)
+    if triples:
+        # Rust gives valid lower-case names: the triples httpx would make, without its checks.
+        headers = http.Headers()
+        headers._list = [(name, name, value) for name, value in pairs]
     else:
-        # Edit a copy (a list copy) rather than rebuild every header: httpx normalises each one.
-        original = request.headers
-        headers = http.Headers(original)
-        for name in removed:
-            del headers[name]
-        for name, value in cast("list[tuple[str, str]]", changed):
-            headers[name] = value
+        headers = http.Headers(pairs)
     # A copy of the request with every attribute it has (whatever the httpx version), without
-    # `Request.__init__`, which would parse the URL and headers again. The original stream is a
-    # replayable ByteStream (the request was read); headers carry the rewritten host and, for a
-    # rewritten body, its length.
+    # `Request.__init__`, which would parse the (cached) URL and the headers again. The original
+    # stream is a replayable ByteStream (the request was read); headers carry the rewritten host
+    # and, for a rewritten body, its length.
     sent = object.__new__(type(request))
     attributes = vars(sent)
     attributes.update(vars(request))
@@ -309,6 +321,8 @@ class _Base:
     _engine: Engine
     #: Whether the engine sends requests where they point (no backends): fixed at construction.
     _passthrough: bool
+    #: Whether httpx's headers can be handed over as its own triples (``_header_triples``).
+    _triples: bool
     _inner: Any
     #: Attempts of this transport that ended (a queued call waits for this to move).
     _ends: int
@@ -349,6 +363,7 @@ class SyncDriver(_Base):
     ) -> None:
         self._engine = _engine(engine, settings)
         self._passthrough = self._engine.passthrough
+        self._triples = _header_triples(self._http)
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
         self._ended = threading.Condition()
@@ -408,7 +423,7 @@ class SyncDriver(_Base):
 
     def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt)
+        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt, self._triples)
         response = None
         try:
             response = self._inner.handle_request(sent)
@@ -417,10 +432,10 @@ class SyncDriver(_Base):
                     call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = self._read_prefix(response, call)
                 after, lease = attempt.on_response_streamed(
-                    response.status_code, response.headers.raw, _for_classification(prefix, response)
+                    response.status_code, _items(response.headers, self._triples), _for_classification(prefix, response)
                 )
             else:
-                after, lease = attempt.on_response_streamed(response.status_code, response.headers.raw)
+                after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
             if lease is not None:
                 response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
             return response, None, after
@@ -495,6 +510,7 @@ class AsyncDriver(_Base):
     ) -> None:
         self._engine = _engine(engine, settings)
         self._passthrough = self._engine.passthrough
+        self._triples = _header_triples(self._http)
         self._inner = transport if transport is not None else self._http.AsyncHTTPTransport()
         self._sleep = asyncio.sleep if sleep is None else sleep
         self._waiters = []
@@ -632,7 +648,7 @@ class AsyncDriver(_Base):
 
     async def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
-        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt)
+        sent = request if self._passthrough else _rewrite(self._http, self._urls, request, attempt, self._triples)
         response = None
         try:
             response = await self._inner.handle_async_request(sent)
@@ -641,10 +657,10 @@ class AsyncDriver(_Base):
                     call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = await self._read_prefix(response, call)
                 after, lease = attempt.on_response_streamed(
-                    response.status_code, response.headers.raw, _for_classification(prefix, response)
+                    response.status_code, _items(response.headers, self._triples), _for_classification(prefix, response)
                 )
             else:
-                after, lease = attempt.on_response_streamed(response.status_code, response.headers.raw)
+                after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
             if lease is not None:
                 response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
             return response, None, after
