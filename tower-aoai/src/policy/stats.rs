@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderValue};
 
 use super::classify::{Classification, Outcome, ThrottleCause, TransientKind};
 use super::headers;
@@ -82,24 +82,7 @@ impl Headroom {
     /// Reads the rate-limit headers; `None` when the response carries none of them. Values that
     /// are not plain non-negative integers are ignored.
     pub fn from_headers(headers: &HeaderMap, wall_now: SystemTime) -> Option<Self> {
-        let read = |name: HeaderName| {
-            let value = headers.get(name)?.to_str().ok()?.trim();
-            (value.len() <= 20)
-                .then(|| value.parse::<u64>().ok())
-                .flatten()
-        };
-        let headroom = Self {
-            remaining_requests: read(headers::REMAINING_REQUESTS),
-            remaining_tokens: read(headers::REMAINING_TOKENS),
-            limit_requests: read(headers::LIMIT_REQUESTS),
-            limit_tokens: read(headers::LIMIT_TOKENS),
-            seen_at: Some(wall_now),
-        };
-        (headroom.remaining_requests.is_some()
-            || headroom.remaining_tokens.is_some()
-            || headroom.limit_requests.is_some()
-            || headroom.limit_tokens.is_some())
-        .then_some(headroom)
+        Seen::scan(headers, wall_now).headroom
     }
 
     /// Remaining tokens as a fraction of the limit, when both are known.
@@ -124,6 +107,58 @@ impl Headroom {
 
 fn fraction(remaining: u64, limit: u64) -> Option<f64> {
     (limit > 0).then(|| (remaining as f64 / limit as f64).min(1.0))
+}
+
+/// What [`Stats::record`] reads from a response's headers, in one pass over them: a lookup by
+/// name hashes the name, and the five names read here would cost five hashes of up to 30 bytes
+/// on every response. Like `HeaderMap::get`, only the first value of a name counts.
+struct Seen<'h> {
+    headroom: Option<Headroom>,
+    region: Option<&'h str>,
+}
+
+impl<'h> Seen<'h> {
+    fn scan(headers: &'h HeaderMap, wall_now: SystemTime) -> Self {
+        let number = |value: &HeaderValue| {
+            let value = value.to_str().ok()?.trim();
+            (value.len() <= 20)
+                .then(|| value.parse::<u64>().ok())
+                .flatten()
+        };
+        let mut h = Headroom::default();
+        let mut region = None;
+        // Bit i: the name of slot i was seen (its first value is the one that counts).
+        let mut seen = 0u8;
+        for (name, value) in headers {
+            let (bit, slot) = match name.as_str() {
+                n if n == headers::REMAINING_REQUESTS.as_str() => (0, &mut h.remaining_requests),
+                n if n == headers::REMAINING_TOKENS.as_str() => (1, &mut h.remaining_tokens),
+                n if n == headers::LIMIT_REQUESTS.as_str() => (2, &mut h.limit_requests),
+                n if n == headers::LIMIT_TOKENS.as_str() => (3, &mut h.limit_tokens),
+                n if n == headers::MS_REGION.as_str() => {
+                    if seen & 16 == 0 {
+                        seen |= 16;
+                        region = value.to_str().ok();
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if seen & (1 << bit) == 0 {
+                seen |= 1 << bit;
+                *slot = number(value);
+            }
+        }
+        let any = h.remaining_requests.is_some()
+            || h.remaining_tokens.is_some()
+            || h.limit_requests.is_some()
+            || h.limit_tokens.is_some();
+        h.seen_at = Some(wall_now);
+        Self {
+            headroom: any.then_some(h),
+            region,
+        }
+    }
 }
 
 /// State the limiter and router report for a backend (instantaneous values).
@@ -250,16 +285,17 @@ impl Stats {
 
     /// Records one attempt.
     pub fn record(&mut self, attempt: Attempt<'_>) {
+        let seen = attempt.headers.map(|h| Seen::scan(h, attempt.wall_now));
         let b = self.backend_mut(attempt.backend);
         if b.region.is_none() {
             b.region = attempt.region.map(str::to_owned);
         }
-        if let Some(region) = attempt
-            .headers
-            .and_then(|h| h.get(headers::MS_REGION))
-            .and_then(|v| v.to_str().ok())
+        if let Some(region) = seen
+            .as_ref()
+            .and_then(|s| s.region)
             .filter(|r| !r.is_empty() && r.len() <= 64)
             && attempt.region.is_none()
+            && b.region.as_deref() != Some(region)
         {
             b.region = Some(region.to_owned());
         }
@@ -270,10 +306,7 @@ impl Stats {
             b.latency.record(latency);
         }
         let headroom_before = b.headroom;
-        if let Some(h) = attempt
-            .headers
-            .and_then(|h| Headroom::from_headers(h, attempt.wall_now))
-        {
+        if let Some(h) = seen.and_then(|s| s.headroom) {
             b.headroom.merge(h);
         }
         match attempt.class.outcome {
@@ -450,6 +483,43 @@ mod tests {
             ("x-ratelimit-limit-tokens", "99999999999999999999999999"),
         ]);
         assert_eq!(Headroom::from_headers(&h, wall()), None);
+    }
+
+    #[test]
+    fn only_the_first_value_of_a_header_counts_as_a_lookup_by_name_would() {
+        let mut map = HeaderMap::new();
+        let mut add = |k: &'static str, v: &'static str| {
+            map.append(k, HeaderValue::from_static(v));
+        };
+        add("x-ratelimit-remaining-tokens", "junk");
+        add("x-ms-region", "West US");
+        add("x-ratelimit-remaining-tokens", "5");
+        add("x-ratelimit-limit-tokens", "10");
+        add("x-ratelimit-limit-tokens", "20");
+        add("x-ms-region", "East US");
+        let h = Headroom::from_headers(&map, wall()).unwrap();
+        assert_eq!((h.remaining_tokens, h.limit_tokens), (None, Some(10)));
+        assert_eq!((h.remaining_requests, h.limit_requests), (None, None));
+        let mut stats = Stats::new();
+        let class = classify_response(StatusCode::OK, &map, None, wall());
+        stats.record(Attempt {
+            backend: "b",
+            region: None,
+            class: &class,
+            headers: Some(&map),
+            latency: None,
+            retry: false,
+            hedge: false,
+            wall_now: wall(),
+        });
+        let b = stats.backend("b").unwrap();
+        assert_eq!(b.region.as_deref(), Some("West US"));
+        assert_eq!(b.headroom.limit_tokens, Some(10));
+        // No rate-limit header at all: no headroom.
+        assert_eq!(
+            Headroom::from_headers(&headers(&[("x-ms-region", "x")]), wall()),
+            None
+        );
     }
 
     #[test]
