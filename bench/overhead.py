@@ -1,11 +1,13 @@
 """What tower-aoai's Python transports add per request, against bare httpx2 transports, on
 loopback against a server that answers at once (``aoai-bench serve-zero``, a hyper server).
 
-Every variant runs in the same process, interleaved round by round (so machine load hits them
-alike); the median round counts. Two figures per variant: wall time per request (what a caller
+Every variant runs in the same process, interleaved round by round in a rotating order (so
+machine load hits them alike). Two figures per variant: wall time per request (what a caller
 sees) and the client thread's CPU time per request (what the transport costs, less sensitive to
-other load on the machine). Sync: one caller, sequential requests (µs per request is the
-latency). Async: ``--concurrency`` callers on one event loop (µs per request is 1/throughput).
+other load on the machine), each the median over the rounds; a variant's added time and overhead
+are the medians of its per-round differences and ratios to the bare transport (paired rounds).
+Sync: one caller, sequential requests (µs per request is the latency). Async: ``--concurrency``
+callers on one event loop (µs per request is 1/throughput).
 It also runs the Rust side (``aoai-bench overhead``) unless ``--no-rust``, and writes both to
 ``bench/results/overhead.json``.
 
@@ -119,27 +121,46 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def summarise(names: list[str], samples: list[list[Sample]]) -> list[dict[str, Any]]:
+    """Medians per variant; the added time and the overhead are the medians of each round's
+    difference and ratio to the bare transport's figure *of the same round* (paired: a slow
+    stretch of the machine hits both sides of a pair alike, so it does not count as overhead)."""
     wall = [statistics.median(w for w, _ in s) for s in samples]
     cpu = [statistics.median(c for _, c in s) for s in samples]
-    return [
-        {
-            "variant": name,
-            "us_per_request": w * 1e6,
-            "requests_per_s": 1 / w,
-            "added_us": (w - wall[0]) * 1e6,
-            "overhead_ratio": w / wall[0] - 1,
-            "cpu_us_per_request": c * 1e6,
-            "cpu_added_us": (c - cpu[0]) * 1e6,
-            "cpu_overhead_ratio": c / cpu[0] - 1,
-        }
-        for name, w, c in zip(names, wall, cpu, strict=True)
-    ]
+
+    def paired(i: int, k: int) -> tuple[float, float]:
+        pairs = [(v[k], b[k]) for v, b in zip(samples[i], samples[0], strict=True)]
+        return statistics.median(v - b for v, b in pairs), statistics.median(v / b - 1 for v, b in pairs)
+
+    rows = []
+    for i, (name, w, c) in enumerate(zip(names, wall, cpu, strict=True)):
+        added, ratio = paired(i, 0)
+        cpu_added, cpu_ratio = paired(i, 1)
+        rows.append(
+            {
+                "variant": name,
+                "us_per_request": w * 1e6,
+                "requests_per_s": 1 / w,
+                "added_us": added * 1e6,
+                "overhead_ratio": ratio,
+                "cpu_us_per_request": c * 1e6,
+                "cpu_added_us": cpu_added * 1e6,
+                "cpu_overhead_ratio": cpu_ratio,
+            }
+        )
+    return rows
+
+
+def rotation(n: int, round_: int) -> list[int]:
+    """The order the variants run in this round: each starts a round in turn, so none always
+    follows the same one (a variant's round would otherwise inherit the state, caches and
+    connections, the previous one left)."""
+    return [(round_ + i) % n for i in range(n)]
 
 
 def interleave(names: list[str], run: Callable[[int], Sample], rounds: int) -> list[dict[str, Any]]:
     samples: list[list[Sample]] = [[] for _ in names]
-    for _ in range(rounds):
-        for i in range(len(names)):
+    for r in range(rounds):
+        for i in rotation(len(names), r):
             samples[i].append(run(i))
     return summarise(names, samples)
 
@@ -168,7 +189,10 @@ def main() -> int:
         rows = interleave(names, lambda i: sync_round(variants[i][1], url, args.requests), args.rounds)
         for _, c in variants:
             c.close()
-        print(f"Python, sync, 1 caller · {args.requests} requests x {args.rounds} rounds (median round)")
+        print(
+            f"Python, sync, 1 caller · {args.requests} requests x {args.rounds} rounds "
+            "(medians; overhead paired per round)"
+        )
         print(table(rows), end="\n\n")
         result["python_sync"] = {"concurrency": 1, "requests": args.requests, "rounds": args.rounds, "rows": rows}
 
@@ -178,9 +202,9 @@ def main() -> int:
             for _, c in avariants:
                 await async_round(c, url, min(args.requests, 500), args.concurrency)
             samples: list[list[Sample]] = [[] for _ in anames]
-            for _ in range(args.rounds):
-                for i, (_, c) in enumerate(avariants):
-                    samples[i].append(await async_round(c, url, args.requests, args.concurrency))
+            for r in range(args.rounds):
+                for i in rotation(len(avariants), r):
+                    samples[i].append(await async_round(avariants[i][1], url, args.requests, args.concurrency))
             for _, c in avariants:
                 await c.aclose()
             return summarise(anames, samples)
@@ -188,7 +212,7 @@ def main() -> int:
         arows = asyncio.run(run_async())
         print(
             f"Python, async, {args.concurrency} callers · {args.requests} requests x {args.rounds} rounds "
-            "(median round)"
+            "(medians; overhead paired per round)"
         )
         print(table(arows), end="\n\n")
         result["python_async"] = {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderMap, HeaderValue};
 
 use super::classify::{Classification, Outcome, ThrottleCause, TransientKind};
-use super::headers;
 use super::route::blocked::SupportRecord;
 use super::route::hedge::LatencyHistogram;
 use super::route::{Availability, BackendId, BreakerState, Router};
@@ -130,12 +129,14 @@ impl<'h> Seen<'h> {
         // Bit i: the name of slot i was seen (its first value is the one that counts).
         let mut seen = 0u8;
         for (name, value) in headers {
+            // Literal names (the compiler matches on the length first): the same as the
+            // `headers` constants, which a test checks.
             let (bit, slot) = match name.as_str() {
-                n if n == headers::REMAINING_REQUESTS.as_str() => (0, &mut h.remaining_requests),
-                n if n == headers::REMAINING_TOKENS.as_str() => (1, &mut h.remaining_tokens),
-                n if n == headers::LIMIT_REQUESTS.as_str() => (2, &mut h.limit_requests),
-                n if n == headers::LIMIT_TOKENS.as_str() => (3, &mut h.limit_tokens),
-                n if n == headers::MS_REGION.as_str() => {
+                "x-ratelimit-remaining-requests" => (0, &mut h.remaining_requests),
+                "x-ratelimit-remaining-tokens" => (1, &mut h.remaining_tokens),
+                "x-ratelimit-limit-requests" => (2, &mut h.limit_requests),
+                "x-ratelimit-limit-tokens" => (3, &mut h.limit_tokens),
+                "x-ms-region" => {
                     if seen & 16 == 0 {
                         seen |= 16;
                         region = value.to_str().ok();
@@ -363,17 +364,17 @@ impl Stats {
     }
 
     fn backend_mut(&mut self, name: &str) -> &mut BackendStats {
-        let name = if self.backends.contains_key(name) || self.backends.len() < MAX_BACKENDS {
-            name
-        } else {
-            "(other)"
-        };
-        // The key is allocated once, when a backend is first seen, not on every attempt.
+        // Two lookups for a backend seen before (every attempt but its first); the key is
+        // allocated once, when a backend is first seen.
         if !self.backends.contains_key(name) {
-            self.backends
-                .insert(name.to_owned(), BackendStats::default());
+            let name = if self.backends.len() < MAX_BACKENDS {
+                name
+            } else {
+                "(other)"
+            };
+            return self.backends.entry(name.to_owned()).or_default();
         }
-        self.backends.get_mut(name).expect("inserted above")
+        self.backends.get_mut(name).expect("checked above")
     }
 }
 
@@ -520,6 +521,24 @@ mod tests {
             Headroom::from_headers(&headers(&[("x-ms-region", "x")]), wall()),
             None
         );
+    }
+
+    #[test]
+    fn the_scanned_names_are_the_header_constants() {
+        use crate::policy::headers;
+        let names = [
+            (
+                headers::REMAINING_REQUESTS,
+                "x-ratelimit-remaining-requests",
+            ),
+            (headers::REMAINING_TOKENS, "x-ratelimit-remaining-tokens"),
+            (headers::LIMIT_REQUESTS, "x-ratelimit-limit-requests"),
+            (headers::LIMIT_TOKENS, "x-ratelimit-limit-tokens"),
+            (headers::MS_REGION, "x-ms-region"),
+        ];
+        for (constant, literal) in names {
+            assert_eq!(constant.as_str(), literal);
+        }
     }
 
     #[test]
