@@ -323,6 +323,8 @@ class _Base:
     _passthrough: bool
     #: Whether httpx's headers can be handed over as its own triples (``_header_triples``).
     _triples: bool
+    #: The stream class that holds a success's lease (``_leased_stream_class``).
+    _leased: type
     _inner: Any
     #: Attempts of this transport that ended (a queued call waits for this to move).
     _ends: int
@@ -364,6 +366,7 @@ class SyncDriver(_Base):
         self._engine = _engine(engine, settings)
         self._passthrough = self._engine.passthrough
         self._triples = _header_triples(self._http)
+        self._leased = _leased_stream_class(self._http)
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
         self._ended = threading.Condition()
@@ -437,7 +440,7 @@ class SyncDriver(_Base):
             else:
                 after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
             if lease is not None:
-                response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
+                response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:
@@ -511,6 +514,7 @@ class AsyncDriver(_Base):
         self._engine = _engine(engine, settings)
         self._passthrough = self._engine.passthrough
         self._triples = _header_triples(self._http)
+        self._leased = _leased_stream_class(self._http)
         self._inner = transport if transport is not None else self._http.AsyncHTTPTransport()
         self._sleep = asyncio.sleep if sleep is None else sleep
         self._waiters = []
@@ -581,6 +585,8 @@ class AsyncDriver(_Base):
 
     def _attempt_ended(self) -> None:
         self._ends += 1
+        if not self._waiters:  # nobody queues (the fast path): no new list
+            return
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -662,7 +668,7 @@ class AsyncDriver(_Base):
             else:
                 after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
             if lease is not None:
-                response.stream = _leased_stream_class(self._http)(response.stream, lease, self._attempt_ended)
+                response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:
