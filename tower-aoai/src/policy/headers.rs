@@ -40,8 +40,9 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `api-key`: Azure's key header.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
-/// The rate-limit headers of a response (the first value of each), found in one pass over its
-/// headers: cheaper than a hashed lookup per name, and every response is read this way.
+/// The rate-limit headers of a response and the region that answered (the first value of each),
+/// found in one pass over its headers: cheaper than a hashed lookup per name, and every response
+/// is read this way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RateLimitHeaders<'a> {
@@ -59,33 +60,27 @@ pub struct RateLimitHeaders<'a> {
     pub reset_tokens: Option<&'a HeaderValue>,
     /// `x-rate-limit-reset-tokens`, Azure's spelling.
     pub reset_tokens_azure: Option<&'a HeaderValue>,
+    /// `x-ms-region`.
+    pub region: Option<&'a HeaderValue>,
 }
 
 impl<'a> RateLimitHeaders<'a> {
-    /// Finds the rate-limit headers among `headers`.
+    /// Finds the rate-limit and region headers among `headers`.
     pub fn find(headers: &'a HeaderMap) -> Self {
         let mut found = Self::default();
         for (name, value) in headers {
-            let name = name.as_str();
-            if !name.starts_with("x-rate") {
-                continue;
-            }
-            let slot = if name == REMAINING_REQUESTS.as_str() {
-                &mut found.remaining_requests
-            } else if name == REMAINING_TOKENS.as_str() {
-                &mut found.remaining_tokens
-            } else if name == LIMIT_REQUESTS.as_str() {
-                &mut found.limit_requests
-            } else if name == LIMIT_TOKENS.as_str() {
-                &mut found.limit_tokens
-            } else if name == RESET_REQUESTS.as_str() {
-                &mut found.reset_requests
-            } else if name == RESET_TOKENS.as_str() {
-                &mut found.reset_tokens
-            } else if name == RESET_TOKENS_AZURE.as_str() {
-                &mut found.reset_tokens_azure
-            } else {
-                continue;
+            // Literal names, matched on their length first; a test checks them against the
+            // constants above.
+            let slot = match name.as_str() {
+                "x-ratelimit-remaining-requests" => &mut found.remaining_requests,
+                "x-ratelimit-remaining-tokens" => &mut found.remaining_tokens,
+                "x-ratelimit-limit-requests" => &mut found.limit_requests,
+                "x-ratelimit-limit-tokens" => &mut found.limit_tokens,
+                "x-ratelimit-reset-requests" => &mut found.reset_requests,
+                "x-ratelimit-reset-tokens" => &mut found.reset_tokens,
+                "x-rate-limit-reset-tokens" => &mut found.reset_tokens_azure,
+                "x-ms-region" => &mut found.region,
+                _ => continue,
             };
             // A name given twice counts once, with its first value (as `HeaderMap::get`).
             slot.get_or_insert(value);
@@ -100,31 +95,39 @@ mod tests {
 
     #[test]
     fn one_pass_finds_what_a_lookup_per_name_finds() {
+        let names = [
+            REMAINING_REQUESTS,
+            REMAINING_TOKENS,
+            LIMIT_REQUESTS,
+            LIMIT_TOKENS,
+            RESET_REQUESTS,
+            RESET_TOKENS,
+            RESET_TOKENS_AZURE,
+            MS_REGION,
+        ];
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("application/json"));
-        h.insert(LIMIT_REQUESTS, HeaderValue::from_static("100"));
-        h.append(LIMIT_REQUESTS, HeaderValue::from_static("7"));
-        h.insert(REMAINING_TOKENS, HeaderValue::from_static("9000"));
-        h.insert(RESET_TOKENS_AZURE, HeaderValue::from_static("6s"));
         h.insert("x-ratelimit-other", HeaderValue::from_static("1"));
-        let found = RateLimitHeaders::find(&h);
-        let names = [
-            (REMAINING_REQUESTS, found.remaining_requests),
-            (REMAINING_TOKENS, found.remaining_tokens),
-            (LIMIT_REQUESTS, found.limit_requests),
-            (LIMIT_TOKENS, found.limit_tokens),
-            (RESET_REQUESTS, found.reset_requests),
-            (RESET_TOKENS, found.reset_tokens),
-            (RESET_TOKENS_AZURE, found.reset_tokens_azure),
-        ];
-        for (name, value) in names {
-            assert_eq!(value, h.get(&name), "{name}");
+        for (i, name) in names.iter().enumerate() {
+            h.insert(name, HeaderValue::from(i));
+            h.append(name, HeaderValue::from_static("later"));
         }
-        assert_eq!(
-            found.limit_requests.unwrap(),
-            "100",
-            "the first value counts"
-        );
+        let found = RateLimitHeaders::find(&h);
+        let got = [
+            found.remaining_requests,
+            found.remaining_tokens,
+            found.limit_requests,
+            found.limit_tokens,
+            found.reset_requests,
+            found.reset_tokens,
+            found.reset_tokens_azure,
+            found.region,
+        ];
+        for (name, value) in names.iter().zip(got) {
+            // Each name found (its literal is the constant's), with its first value.
+            assert_eq!(value, h.get(name), "{name}");
+            assert!(value.is_some_and(|v| v != "later"), "{name}");
+        }
         assert_eq!(
             RateLimitHeaders::find(&HeaderMap::new()),
             RateLimitHeaders::default()
