@@ -86,13 +86,17 @@ def main() -> int:
         client.close()
     jobs = [(kind, i, n) for kind in KINDS for i in range(len(names[kind])) for n in (small, large)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = dict(zip(jobs, pool.map(lambda j: instructions(j[0], j[1], j[2], args.concurrency), jobs), strict=True))
+        done = pool.map(lambda j: instructions(j[0], j[1], j[2], args.concurrency), jobs)
+        counts = dict(zip(jobs, done, strict=True))
     for kind in KINDS:
         callers = 1 if kind == "sync" else args.concurrency
         # An async round sends whole batches: as many requests per caller as it takes.
         sent = [n if kind == "sync" else -(-n // callers) * callers for n in (small, large)]
         print(f"Python, {kind}, {callers} caller(s) · instructions per request ({sent[1]} - {sent[0]} requests)")
-        per = [(counts[(kind, i, large)] - counts[(kind, i, small)]) / (sent[1] - sent[0]) for i in range(len(names[kind]))]
+        per = [
+            (counts[(kind, i, large)] - counts[(kind, i, small)]) / (sent[1] - sent[0])
+            for i in range(len(names[kind]))
+        ]
         for name, value in zip(names[kind], per, strict=True):
             print(f"  {name:<40} {value:>11,.0f}  {value - per[0]:>+9,.0f}  {(value / per[0] - 1) * 100:>5.1f} %")
     return 0

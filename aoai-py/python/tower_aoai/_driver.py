@@ -430,15 +430,14 @@ class SyncDriver(_Base):
         response = None
         try:
             response = self._inner.handle_request(sent)
-            if response.status_code in _NEEDS_BODY:
+            status, headers = response.status_code, _items(response.headers, self._triples)
+            if status in _NEEDS_BODY:
                 if self._passthrough:
                     call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = self._read_prefix(response, call)
-                after, lease = attempt.on_response_streamed(
-                    response.status_code, _items(response.headers, self._triples), _for_classification(prefix, response)
-                )
+                after, lease = attempt.on_response_streamed(status, headers, _for_classification(prefix, response))
             else:
-                after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
+                after, lease = attempt.on_response_streamed(status, headers)
             if lease is not None:
                 response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
@@ -658,15 +657,14 @@ class AsyncDriver(_Base):
         response = None
         try:
             response = await self._inner.handle_async_request(sent)
-            if response.status_code in _NEEDS_BODY:
+            status, headers = response.status_code, _items(response.headers, self._triples)
+            if status in _NEEDS_BODY:
                 if self._passthrough:
                     call.set_origin(_origin(request))  # named in a 403's support record
                 prefix = await self._read_prefix(response, call)
-                after, lease = attempt.on_response_streamed(
-                    response.status_code, _items(response.headers, self._triples), _for_classification(prefix, response)
-                )
+                after, lease = attempt.on_response_streamed(status, headers, _for_classification(prefix, response))
             else:
-                after, lease = attempt.on_response_streamed(response.status_code, _items(response.headers, self._triples))
+                after, lease = attempt.on_response_streamed(status, headers)
             if lease is not None:
                 response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
