@@ -39,6 +39,27 @@ pub struct Options {
 const BODY: &[u8] = br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
 const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
 
+/// The headers Azure OpenAI sends with a success (see `shared/AZURE.md`), so that every variant
+/// reads a real answer's headers: the client parses them all, and the layers read the rate-limit
+/// and region ones.
+const AZURE_HEADERS: [(&str, &str); 9] = [
+    ("content-type", "application/json"),
+    ("apim-request-id", "6d1f0c2e-4b5a-4c2d-9e1f-0a1b2c3d4e5f"),
+    ("x-request-id", "8f0e1d2c-3b4a-5968-7a6b-5c4d3e2f1a0b"),
+    (
+        "x-ms-client-request-id",
+        "6d1f0c2e-4b5a-4c2d-9e1f-0a1b2c3d4e5f",
+    ),
+    ("x-ms-region", "East US 2"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-remaining-tokens", "9999000"),
+    ("x-ms-deployment-name", "gpt-4o"),
+    (
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains; preload",
+    ),
+];
+
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, (), BoxError>;
 
 /// Starts the zero-latency server; returns its address.
@@ -54,11 +75,12 @@ pub async fn serve() -> std::io::Result<SocketAddr> {
             tokio::spawn(async move {
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     let _ = req.into_body().collect().await;
+                    let mut res = Response::builder();
+                    for (name, value) in AZURE_HEADERS {
+                        res = res.header(name, value);
+                    }
                     Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .header("x-ms-region", "loopback")
-                            .body(Full::new(Bytes::from_static(ANSWER)))
+                        res.body(Full::new(Bytes::from_static(ANSWER)))
                             .expect("a valid response"),
                     )
                 });
