@@ -204,3 +204,52 @@ def test_importing_needs_no_legacy_httpx() -> None:
         "    raise SystemExit('no ImportError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_rewrite_plan_replaces_every_caller_secret_and_keeps_the_other_headers() -> None:
+    """The transports apply the core's rewrite plan to httpx's headers (its triples, or raw pairs
+    for an httpx without them): every auth header the caller sent is dropped, the backend's own
+    is added, `host` and (for a new body) `content-length` are replaced, the rest stay in order."""
+    import httpx2
+
+    from tower_aoai import _core
+    from tower_aoai._driver import _items, _rewritten_headers
+
+    engine = Engine(backends=[tower_aoai.Backend("east", "https://east.example:8443", deployment="d1", api_key="EAST-KEY")])
+    call = engine.start()
+    step, attempt = call.next()
+    assert step == "send" and isinstance(attempt, tower_aoai._core.Attempt)
+    url, host, auth, body = attempt.plan(
+        "https://sdk.example/openai/v1/chat/completions?x=1", b'{"model":"gpt-4o","messages":[]}'
+    )
+    assert url == "https://east.example:8443/openai/v1/chat/completions?x=1"
+    assert host == b"east.example:8443"
+    assert auth == (b"api-key", b"EAST-KEY")
+    assert body is not None and b'"model":"d1"' in body
+    assert set(_core.REWRITE_REMOVES) == {b"api-key", b"authorization", b"ocp-apim-subscription-key", b"x-api-key"}
+    request = httpx2.Request(
+        "POST",
+        "https://sdk.example/openai/v1/chat/completions",
+        headers=[
+            ("Host", "sdk.example"),
+            ("API-Key", "CALLER-KEY"),
+            ("Authorization", "Bearer CALLER"),
+            ("X-Keep", "1"),
+            ("Ocp-Apim-Subscription-Key", "APIM"),
+            ("X-Api-Key", "X"),
+            ("Content-Length", "3"),
+            ("X-Keep", "2"),
+        ],
+        content=b"abc",
+    )
+    for triples in (True, False):
+        edited = _rewritten_headers(_items(request.headers, triples), triples, host, auth, str(len(body)).encode())
+        pairs = [(item[1] if triples else item[0].lower(), item[-1]) for item in edited]
+        assert pairs == [
+            (b"host", b"east.example:8443"),
+            (b"x-keep", b"1"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-keep", b"2"),
+            (b"api-key", b"EAST-KEY"),
+        ], triples
+    attempt.cancel()

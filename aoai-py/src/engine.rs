@@ -893,38 +893,42 @@ impl Attempt {
         lock(&self.ticket).is_some()
     }
 
-    /// The request rewritten for the backend: `(url, headers, body)`; `body` is `None` when the
-    /// original body is kept. Headers are `(bytes, bytes)` pairs, auth replaced by the backend's.
-    fn rewrite<'py>(
+    /// How the request is rewritten for the backend, its headers left to the caller (only the
+    /// few it touches cross into Rust): `(url, host, auth, body)`. `url` is where it goes;
+    /// `host` is the `host` header's value, set only if the request has one; every header named
+    /// in `REWRITE_REMOVES` goes, then `auth`, the backend's `(name, value)` (or `None`), is set;
+    /// `body` is the new body (or `None` to keep it), and then `content-length`, if present,
+    /// becomes its length.
+    #[allow(clippy::type_complexity)]
+    fn plan<'py>(
         &self,
         py: Python<'py>,
         url: &str,
-        headers: &Bound<'py, PyAny>,
         body: Option<&[u8]>,
-    ) -> PyResult<(String, Bound<'py, PyList>, Option<Bound<'py, PyBytes>>)> {
+    ) -> PyResult<(
+        String,
+        Bound<'py, PyBytes>,
+        Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)>,
+        Option<Bound<'py, PyBytes>>,
+    )> {
         let uri: http::Uri = url
             .parse()
             .map_err(|e| PyValueError::new_err(format!("invalid `url`: {e}")))?;
-        let mut parts = http::Request::new(()).into_parts().0;
-        parts.uri = uri;
-        parts.headers = header_map(py, headers)?;
-        let rewritten = self.shared.backends.rewrite(self.backend, &mut parts, body);
+        let planned = self.shared.backends.plan(self.backend, &uri, body);
         if let Some(err) = lock(&self.shared.provider_error).take() {
             return Err(err);
         }
-        let new_body = rewritten.map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let plan = planned.map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok((
-            parts.uri.to_string(),
-            PyList::new(
-                py,
-                parts.headers.iter().map(|(name, value)| {
-                    (
-                        PyBytes::new(py, name.as_str().as_bytes()),
-                        PyBytes::new(py, value.as_bytes()),
-                    )
-                }),
-            )?,
-            new_body.map(|b| PyBytes::new(py, &b)),
+            plan.uri.to_string(),
+            PyBytes::new(py, plan.host.as_bytes()),
+            plan.auth.map(|(name, value)| {
+                (
+                    PyBytes::new(py, name.as_str().as_bytes()),
+                    PyBytes::new(py, value.as_bytes()),
+                )
+            }),
+            plan.body.map(|b| PyBytes::new(py, &b)),
         ))
     }
 

@@ -15,6 +15,7 @@ mod parity;
 mod report;
 
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
 
 pub use backend::Backend;
 pub use engine::{Attempt, Call, Engine, FailureInfo, Lease};
@@ -35,6 +36,15 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
         "MAX_ERROR_BODY",
         tower_aoai::policy::classify::MAX_ERROR_BODY,
+    )?;
+    m.add(
+        "REWRITE_REMOVES",
+        PyTuple::new(
+            m.py(),
+            tower_aoai::policy::route::RewritePlan::REMOVED
+                .iter()
+                .map(|name| PyBytes::new(m.py(), name.as_str().as_bytes())),
+        )?,
     )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

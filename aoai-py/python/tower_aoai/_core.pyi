@@ -13,11 +13,14 @@ __all__ = [
     "Lease",
     "_run_retry_layer",
     "MAX_ERROR_BODY",
+    "REWRITE_REMOVES",
     "__version__",
 ]
 __version__: Final[str]
 #: How many bytes of an error body are read to classify it.
 MAX_ERROR_BODY: Final[int]
+#: The auth headers (lower-case names) a request loses before its backend's own is set.
+REWRITE_REMOVES: Final[tuple[bytes, ...]]
 
 #: ``(action, outcome, reason)``: action ``"return"``, ``"retry"`` or ``"give_up"``; the attempt's
 #: outcome (``"success"``, ``"throttled_quota"``, ``"blocked"``, ...); the give-up reason.
@@ -211,10 +214,11 @@ class Attempt:
     def support_request(self) -> str | None: ...
     @property
     def hedge(self) -> bool: ...
-    def rewrite(
-        self, url: str, headers: _Headers, body: bytes | None
-    ) -> tuple[str, list[tuple[bytes, bytes]], bytes | None]:
-        """The request for the attempt's backend: (url, headers, new body or None)."""
+    def plan(
+        self, url: str, body: bytes | None
+    ) -> tuple[str, bytes, tuple[bytes, bytes] | None, bytes | None]:
+        """How the request is rewritten for the attempt's backend: (url, host header value,
+        auth header or None, new body or None); drop the headers in REWRITE_REMOVES first."""
     def on_response(
         self,
         status: int,

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._core import MAX_ERROR_BODY, Attempt, Call, Diagnosis, Engine, Failure, Lease
+from ._core import MAX_ERROR_BODY, REWRITE_REMOVES, Attempt, Call, Diagnosis, Engine, Failure, Lease
 from ._errors import BlockedError, DeadlineExceededError, NoBackendError, OverloadedError, TowerAoaiError
 
 if TYPE_CHECKING:
@@ -241,20 +241,47 @@ _NEEDS_BODY = frozenset(status for status in range(100, 1000) if Call.needs_body
 _URL_CACHE_SIZE = 256
 
 
+#: The auth headers a rewritten request loses before its backend's own is set (lower-case).
+_REMOVED = frozenset(REWRITE_REMOVES)
+
+
+def _rewritten_headers(
+    items: Any, triples: bool, host: bytes, auth: tuple[bytes, bytes] | None, length: bytes | None
+) -> list[Any]:
+    """The request's headers edited by the backend's plan: ``host`` (if present) and, with a new
+    body, ``content-length`` (if present) replaced; every auth header dropped, then the backend's
+    added. Only these few ever cross into Rust; the rest are kept as they are."""
+    out: list[Any] = []
+    for item in items:
+        lower = item[1] if triples else item[0].lower()
+        if lower in _REMOVED:
+            continue
+        if lower == b"host":
+            item = (item[0], item[1], host) if triples else (item[0], host)
+        elif length is not None and lower == b"content-length":
+            item = (item[0], item[1], length) if triples else (item[0], length)
+        out.append(item)
+    if auth is not None:
+        out.append((auth[0], auth[0], auth[1]) if triples else auth)
+    return out
+
+
 def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt, triples: bool) -> Any:
     """The request as the attempt's backend needs it (host, deployment, model, auth)."""
-    url, pairs, body = attempt.rewrite(str(request.url), _items(request.headers, triples), request.content)
+    url, host, auth, body = attempt.plan(str(request.url), request.content)
     target = urls.get(url)
     if target is None:
         if len(urls) >= _URL_CACHE_SIZE:
             urls.clear()
         target = urls[url] = http.URL(url)
+    length = None if body is None else str(len(body)).encode()
+    edited = _rewritten_headers(_items(request.headers, triples), triples, host, auth, length)
     if triples:
-        # Rust gives valid lower-case names: the triples httpx would make, without its checks.
+        # Names from httpx's own triples or from Rust (valid, lower-case): no checks again.
         headers = http.Headers()
-        headers._list = [(name, name, value) for name, value in pairs]
+        headers._list = edited
     else:
-        headers = http.Headers(pairs)
+        headers = http.Headers(edited)
     # A copy of the request with every attribute it has (whatever the httpx version), without
     # `Request.__init__`, which would parse the (cached) URL and the headers again. The original
     # stream is a replayable ByteStream (the request was read); headers carry the rewritten host

@@ -192,6 +192,8 @@ impl ResourceId {
 struct Target {
     scheme: Scheme,
     authority: Authority,
+    /// `authority` as a `host` header value, made once.
+    host_value: HeaderValue,
     /// The endpoint's path without its trailing `/` (empty for a bare host).
     base_path: String,
     resource: ResourceId,
@@ -280,8 +282,13 @@ impl Backends {
                     ResourceId(resources.len() - 1)
                 }
             };
+            let host_value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+                ConfigError::new("backends.endpoint", at("host is not a valid header".into()))
+                    .at_index(i)
+            })?;
             targets.push(Target {
                 scheme,
+                host_value,
                 authority,
                 base_path,
                 resource,
@@ -344,19 +351,22 @@ impl Backends {
         self.backends[id.0].deployment.is_some() && body_names_model(openai_tail(uri.path()))
     }
 
-    /// Rewrites a request for backend `id`: scheme, host and port; the endpoint's base path; the
-    /// `/openai/deployments/{d}/` segment; the auth header (every auth header the request came
-    /// with is removed first). Returns the new body when the `model` of a JSON body was replaced
-    /// (`body` is the request body, needed only when [`rewrites_body`](Self::rewrites_body)).
-    pub fn rewrite(
+    /// How a request for `uri` is rewritten for backend `id`, leaving its headers to the caller
+    /// (a driver with headers of its own, such as the Python transports, applies it without
+    /// converting them all): the new URI (scheme, host and port; the endpoint's base path; the
+    /// `/openai/deployments/{d}/` segment), the `host` value, the auth header, and the new body
+    /// when the `model` of a JSON body was replaced (`body` is the request body, needed only when
+    /// [`rewrites_body`](Self::rewrites_body)). [`rewrite`](Self::rewrite) applies it to
+    /// `http::request::Parts`.
+    pub fn plan(
         &self,
         id: BackendId,
-        parts: &mut http::request::Parts,
+        uri: &Uri,
         body: Option<&[u8]>,
-    ) -> Result<Option<Bytes>, RewriteError> {
+    ) -> Result<RewritePlan, RewriteError> {
         let backend = &self.backends[id.0];
         let target = &self.targets[id.0];
-        let path = parts.uri.path();
+        let path = uri.path();
         let tail = openai_tail(path);
         let names_model = body_names_model(tail);
         // The request's own path and query, reused as they are (no copy, no parse) when this
@@ -369,7 +379,7 @@ impl Backends {
             (Some(deployment), Some(rest)) => rest.split('/').next() == Some(deployment.as_str()),
             _ => true,
         };
-        let reusable = parts.uri.path_and_query().filter(|_| {
+        let reusable = uri.path_and_query().filter(|_| {
             same_deployment
                 && !tail.is_empty()
                 && path.len() - tail.len() == target.base_path.len()
@@ -381,47 +391,90 @@ impl Backends {
                 &target.base_path,
                 tail,
                 backend.deployment.as_deref(),
-                parts.uri.query(),
+                uri.query(),
             )?,
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(target.scheme.clone());
-        uri.authority = Some(target.authority.clone());
-        uri.path_and_query = Some(path_and_query);
-        parts.uri = Uri::from_parts(uri).map_err(|_| RewriteError::Uri)?;
-        if parts.headers.contains_key(HOST) {
-            let host =
-                HeaderValue::from_str(target.authority.as_str()).map_err(|_| RewriteError::Uri)?;
-            parts.headers.insert(HOST, host);
-        }
-        for name in &AUTH_HEADERS {
-            parts.headers.remove(name);
-        }
-        match &backend.credentials {
-            Credentials::None => {}
-            Credentials::ApiKey(key) => {
-                parts.headers.insert(headers::API_KEY, key.clone());
-            }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(target.scheme.clone());
+        parts.authority = Some(target.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        let uri = Uri::from_parts(parts).map_err(|_| RewriteError::Uri)?;
+        let auth = match &backend.credentials {
+            Credentials::None => None,
+            Credentials::ApiKey(key) => Some((headers::API_KEY, key.clone())),
             Credentials::Bearer(provider) => {
                 let mut value = HeaderValue::try_from(format!("Bearer {}", provider()))
                     .map_err(|_| RewriteError::Token)?;
                 value.set_sensitive(true);
-                parts.headers.insert(AUTHORIZATION, value);
+                Some((AUTHORIZATION, value))
             }
-        }
-        let new_body = match (&backend.deployment, body) {
+        };
+        let body = match (&backend.deployment, body) {
             (Some(deployment), Some(body)) if names_model => replace_model(body, deployment),
             _ => None,
         };
-        if let Some(b) = &new_body
+        Ok(RewritePlan {
+            uri,
+            host: target.host_value.clone(),
+            auth,
+            body,
+        })
+    }
+
+    /// Rewrites a request for backend `id` by its [`plan`](Self::plan): the URI; `host` (if the
+    /// request has one); every auth header the request came with ([`RewritePlan::REMOVED`])
+    /// replaced by the backend's; `content-length` (if the request has one) for a new body,
+    /// which is returned.
+    pub fn rewrite(
+        &self,
+        id: BackendId,
+        parts: &mut http::request::Parts,
+        body: Option<&[u8]>,
+    ) -> Result<Option<Bytes>, RewriteError> {
+        let plan = self.plan(id, &parts.uri, body)?;
+        parts.uri = plan.uri;
+        if parts.headers.contains_key(HOST) {
+            parts.headers.insert(HOST, plan.host);
+        }
+        for name in &RewritePlan::REMOVED {
+            parts.headers.remove(name);
+        }
+        if let Some((name, value)) = plan.auth {
+            parts.headers.insert(name, value);
+        }
+        if let Some(b) = &plan.body
             && parts.headers.contains_key(http::header::CONTENT_LENGTH)
         {
             parts
                 .headers
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
         }
-        Ok(new_body)
+        Ok(plan.body)
     }
+}
+
+/// How a request is rewritten for a backend ([`Backends::plan`]). Applied to a request's
+/// headers: `host`, if present, becomes [`host`](Self::host); every header of
+/// [`REMOVED`](Self::REMOVED) goes, then [`auth`](Self::auth) is set; with a new
+/// [`body`](Self::body), `content-length`, if present, becomes its length.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RewritePlan {
+    /// Where the request goes.
+    pub uri: Uri,
+    /// The `host` header's value for the backend (set only if the request has the header).
+    pub host: HeaderValue,
+    /// The backend's auth header (`api-key` or a bearer `authorization`, marked sensitive), if
+    /// it has credentials.
+    pub auth: Option<(HeaderName, HeaderValue)>,
+    /// The new body, when the `model` of a JSON body was replaced.
+    pub body: Option<Bytes>,
+}
+
+impl RewritePlan {
+    /// The auth headers a request loses before the backend's own is set: a caller's key or token
+    /// never reaches another backend.
+    pub const REMOVED: [HeaderName; 4] = AUTH_HEADERS;
 }
 
 /// A request could not be rewritten for a backend.

@@ -49,7 +49,9 @@ pub mod breaker;
 pub mod hedge;
 pub mod select;
 
-pub use backend::{Backend, BackendId, Backends, ResourceId, RewriteError, TokenProvider};
+pub use backend::{
+    Backend, BackendId, Backends, ResourceId, RewriteError, RewritePlan, TokenProvider,
+};
 pub use blocked::{BlockedError, SupportRecord};
 pub use breaker::{BreakerPolicy, BreakerState};
 pub use hedge::{HedgePolicy, LatencyHistogram};
