@@ -89,6 +89,21 @@ impl<'a> RateLimitHeaders<'a> {
     }
 }
 
+/// A `x-ratelimit-*` count above this is garbage (no deployment has a trillion TPM).
+pub const MAX_RATE_LIMIT_COUNT: u64 = 1_000_000_000_000;
+
+/// A rate-limit count (a limit, or what remains of it): plain ASCII digits, at most 16 of them,
+/// at most [`MAX_RATE_LIMIT_COUNT`]. Anything else (a sign, a space, a fraction, garbage) is no
+/// count. The one rule the pacer and the stats read these headers by.
+pub fn rate_limit_count(value: Option<&HeaderValue>) -> Option<u64> {
+    let value = value?.as_bytes();
+    if value.is_empty() || value.len() > 16 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    (n <= MAX_RATE_LIMIT_COUNT).then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +147,26 @@ mod tests {
             RateLimitHeaders::find(&HeaderMap::new()),
             RateLimitHeaders::default()
         );
+    }
+
+    #[test]
+    fn a_count_is_plain_digits_within_bounds() {
+        let count = |v: &'static str| rate_limit_count(Some(&HeaderValue::from_static(v)));
+        assert_eq!(count("0"), Some(0));
+        assert_eq!(count("99000"), Some(99_000));
+        assert_eq!(count("1000000000000"), Some(MAX_RATE_LIMIT_COUNT));
+        for bad in [
+            "",
+            "-5",
+            "+5",
+            " 5",
+            "5.0",
+            "1e6",
+            "1000000000001",
+            "99999999999999999",
+        ] {
+            assert_eq!(count(bad), None, "{bad:?}");
+        }
+        assert_eq!(rate_limit_count(None), None);
     }
 }

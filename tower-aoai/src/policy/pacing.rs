@@ -32,16 +32,13 @@ use http::{HeaderMap, HeaderValue};
 
 use super::ConfigError;
 use super::classify::{Outcome, ThrottleCause};
-use super::headers::RateLimitHeaders;
+use super::headers::{RateLimitHeaders, rate_limit_count};
 use super::hints;
 
 /// The most one request may charge the token bucket, as a share of a minute's quota: a request
 /// whose estimate exceeds the whole quota is charged one minute, so it delays later sends by at
 /// most a minute instead of forever.
 const MAX_CHARGE: Duration = Duration::from_secs(60);
-
-/// A `x-ratelimit-*` value above this is garbage (no deployment has a trillion TPM).
-const MAX_HEADER_LIMIT: u64 = 1_000_000_000_000;
 
 /// The generic cell rate algorithm: one "theoretical arrival time" per stream of sends.
 ///
@@ -634,19 +631,14 @@ fn set_rate(gcra: &mut Option<Gcra>, per_second: f64, tolerance: Duration) {
     }
 }
 
-/// A positive integer header (a quota limit).
+/// A positive count (a quota limit).
 fn header_count(value: Option<&HeaderValue>) -> Option<f64> {
     header_count_or_zero(value).filter(|&n| n > 0.0)
 }
 
-/// A non-negative integer header (a limit or what remains of it).
+/// A count, zero included (a limit or what remains of it).
 fn header_count_or_zero(value: Option<&HeaderValue>) -> Option<f64> {
-    let value = value?.as_bytes();
-    if value.is_empty() || value.len() > 16 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
-    (n <= MAX_HEADER_LIMIT).then_some(n as f64)
+    rate_limit_count(value).map(|n| n as f64)
 }
 
 #[cfg(test)]

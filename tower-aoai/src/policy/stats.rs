@@ -9,10 +9,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 
 use super::classify::{Classification, Outcome, ThrottleCause, TransientKind};
-use super::headers::RateLimitHeaders;
+use super::headers::{RateLimitHeaders, rate_limit_count};
 use super::route::blocked::SupportRecord;
 use super::route::hedge::LatencyHistogram;
 use super::route::{Availability, BackendId, BreakerState, Router};
@@ -80,7 +80,7 @@ pub struct Headroom {
 
 impl Headroom {
     /// Reads the rate-limit headers; `None` when the response carries none of them. Values that
-    /// are not plain non-negative integers are ignored.
+    /// are not counts by [`rate_limit_count`] are ignored.
     pub fn from_headers(headers: &HeaderMap, wall_now: SystemTime) -> Option<Self> {
         Seen::scan(headers, wall_now).headroom
     }
@@ -110,8 +110,9 @@ fn fraction(remaining: u64, limit: u64) -> Option<f64> {
 }
 
 /// What [`Stats::record`] reads from a response's headers, found in one pass over them
-/// ([`RateLimitHeaders::find`], the pacer's reading too): a lookup by name would hash each of the
-/// five names on every response. Like `HeaderMap::get`, only the first value of a name counts.
+/// ([`RateLimitHeaders::find`], the pacer's reading too, and its count rule,
+/// [`rate_limit_count`]): a lookup by name would hash each of the five names on every response.
+/// Like `HeaderMap::get`, only the first value of a name counts.
 struct Seen<'h> {
     headroom: Option<Headroom>,
     region: Option<&'h str>,
@@ -120,17 +121,11 @@ struct Seen<'h> {
 impl<'h> Seen<'h> {
     fn scan(headers: &'h HeaderMap, wall_now: SystemTime) -> Self {
         let found = RateLimitHeaders::find(headers);
-        let number = |value: Option<&HeaderValue>| {
-            let value = value?.to_str().ok()?.trim();
-            (value.len() <= 20)
-                .then(|| value.parse::<u64>().ok())
-                .flatten()
-        };
         let h = Headroom {
-            remaining_requests: number(found.remaining_requests),
-            remaining_tokens: number(found.remaining_tokens),
-            limit_requests: number(found.limit_requests),
-            limit_tokens: number(found.limit_tokens),
+            remaining_requests: rate_limit_count(found.remaining_requests),
+            remaining_tokens: rate_limit_count(found.remaining_tokens),
+            limit_requests: rate_limit_count(found.limit_requests),
+            limit_tokens: rate_limit_count(found.limit_tokens),
             seen_at: Some(wall_now),
         };
         let any = h.remaining_requests.is_some()
