@@ -221,6 +221,17 @@ def _origin(request: Any) -> str:
     return netloc.decode("ascii", "replace")
 
 
+def _final(action: str, response: Any, error: BaseException | None) -> Any:
+    """The call's answer once the engine says it ends (``return`` or ``give_up``): the error, or
+    the response; a response given up on is marked ``x-should-retry: false`` so the SDK does
+    not retry it again (as the Rust retry layer marks it)."""
+    if action == "give_up" and response is not None:
+        response.headers["x-should-retry"] = "false"
+    if error is not None:
+        raise error
+    return response
+
+
 def _failure_error(failure: Failure) -> TowerAoaiError:
     kind = failure.kind
     if kind == "blocked":
@@ -423,11 +434,7 @@ class SyncDriver(_Base):
                     if response is not None:
                         response.close()
                     continue
-                if action == "give_up" and response is not None:
-                    response.headers["x-should-retry"] = "false"
-                if error is not None:
-                    raise error
-                return response
+                return _final(action, response, error)
             if step == "wait":
                 assert isinstance(value, float)
                 _log_wait(request, "waiting", value)
@@ -575,11 +582,7 @@ class AsyncDriver(_Base):
                     if response is not None:
                         await response.aclose()
                     continue
-                if action == "give_up" and response is not None:
-                    response.headers["x-should-retry"] = "false"
-                if error is not None:
-                    raise error
-                return response
+                return _final(action, response, error)
             if step == "wait":
                 assert isinstance(value, float)
                 _log_wait(request, "waiting", value)
