@@ -40,18 +40,9 @@ name = "swedencentral"
 latency = { first_token_ms = 350, per_token_ms = 10, jitter = 0.25 }
 "#;
 
-/// (name, scenario TOML, the tier of each target for the routed clients).
-fn scenarios() -> Vec<(&'static str, String, Vec<u8>)> {
-    vec![
-        (
-            "regional capacity",
-            format!(
-                r#"{COMMON}
-[[events]]
-kind = "high_demand"
-region = "eastus2"
-start_s = 30
-end_s = 240
+/// A standard deployment in each region, and the workload's span and targets (its arrivals
+/// follow).
+const TWO_REGIONS: &str = r#"
 [[resources]]
 name = "east"
 region = "eastus2"
@@ -70,7 +61,21 @@ tpm = 2000000
 rpm = 12000
 [workload]
 duration_s = 300
-targets = ["east/gpt-4o", "west/gpt-4o"]
+targets = ["east/gpt-4o", "west/gpt-4o"]"#;
+
+/// (name, scenario TOML, the tier of each target for the routed clients).
+fn scenarios() -> Vec<(&'static str, String, Vec<u8>)> {
+    vec![
+        (
+            "regional capacity",
+            format!(
+                r#"{COMMON}
+[[events]]
+kind = "high_demand"
+region = "eastus2"
+start_s = 30
+end_s = 240
+{TWO_REGIONS}
 [[workload.arrivals]]
 kind = "poisson"
 rate_per_s = 8
@@ -118,25 +123,7 @@ kind = "outage"
 region = "eastus2"
 start_s = 60
 end_s = 180
-[[resources]]
-name = "east"
-region = "eastus2"
-api_key = "ke"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[[resources]]
-name = "west"
-region = "swedencentral"
-api_key = "kw"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[workload]
-duration_s = 300
-targets = ["east/gpt-4o", "west/gpt-4o"]
+{TWO_REGIONS}
 [[workload.arrivals]]
 kind = "poisson"
 rate_per_s = 5
@@ -154,25 +141,7 @@ region = "eastus2"
 start_s = 60
 end_s = 240
 factor = 6
-[[resources]]
-name = "east"
-region = "eastus2"
-api_key = "ke"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[[resources]]
-name = "west"
-region = "swedencentral"
-api_key = "kw"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[workload]
-duration_s = 300
-targets = ["east/gpt-4o", "west/gpt-4o"]
+{TWO_REGIONS}
 [[workload.arrivals]]
 kind = "poisson"
 rate_per_s = 5
@@ -182,38 +151,21 @@ rate_per_s = 5
         ),
         (
             "heavy-tailed latency",
-            r#"
+            format!(
+                r#"
 seed = 7
 [[regions]]
 name = "eastus2"
-latency = { first_token_ms = 300, per_token_ms = 10, jitter = 0.9 }
+latency = {{ first_token_ms = 300, per_token_ms = 10, jitter = 0.9 }}
 [[regions]]
 name = "swedencentral"
-latency = { first_token_ms = 350, per_token_ms = 10, jitter = 0.9 }
-[[resources]]
-name = "east"
-region = "eastus2"
-api_key = "ke"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[[resources]]
-name = "west"
-region = "swedencentral"
-api_key = "kw"
-[[resources.deployments]]
-name = "gpt-4o"
-tpm = 2000000
-rpm = 12000
-[workload]
-duration_s = 300
-targets = ["east/gpt-4o", "west/gpt-4o"]
+latency = {{ first_token_ms = 350, per_token_ms = 10, jitter = 0.9 }}
+{TWO_REGIONS}
 [[workload.arrivals]]
 kind = "poisson"
 rate_per_s = 5
 "#
-            .to_owned(),
+            ),
             vec![0, 0],
         ),
     ]
