@@ -664,15 +664,7 @@ impl Model {
             match mode {
                 OutageMode::Refuse => return SimResponse::Refused,
                 OutageMode::Status => {
-                    let status =
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                    return SimResponse::Answer(self.error(
-                        headers,
-                        status,
-                        texts::server_error(status.as_u16()),
-                        Verdict::Outage,
-                        error_latency,
-                    ));
+                    return SimResponse::Answer(self.outage(headers, status, error_latency));
                 }
                 OutageMode::Reset => {}
             }
@@ -790,15 +782,7 @@ impl Model {
                         spilled = true;
                     }
                     _ => {
-                        let status =
-                            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                        return SimResponse::Answer(self.error(
-                            headers,
-                            status,
-                            texts::server_error(status.as_u16()),
-                            Verdict::Outage,
-                            error_latency,
-                        ));
+                        return SimResponse::Answer(self.outage(headers, status, error_latency));
                     }
                 },
             }
@@ -990,6 +974,19 @@ impl Model {
         h.insert("apim-request-id", id.clone());
         h.insert("x-request-id", id);
         h
+    }
+
+    /// An outage's answer: its configured status (503 if that is not a status) and the text
+    /// Azure sends with it.
+    fn outage(&mut self, headers: HeaderMap, status: u16, latency: Duration) -> Answer {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        self.error(
+            headers,
+            status,
+            texts::server_error(status.as_u16()),
+            Verdict::Outage,
+            latency,
+        )
     }
 
     fn error(
