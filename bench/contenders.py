@@ -45,6 +45,21 @@ async def consume_openai(create: Awaitable[Any], stream: bool, first: Callable[[
         first()
 
 
+def openai_call(client: Any, deployment: str, spec: dict[str, Any]) -> CallFn:
+    """One benchmark call through an openai SDK client: the scenario's chat request to
+    `deployment`, streamed or not, `first` called at the first token."""
+    msgs, max_tokens = messages(spec)
+
+    async def call(stream: bool, first: Callable[[], None]) -> None:
+        await consume_openai(
+            client.chat.completions.create(model=deployment, messages=msgs, max_tokens=max_tokens, stream=stream),
+            stream,
+            first,
+        )
+
+    return call
+
+
 def sdk(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str, Any]]]:
     """The openai SDK with its defaults (max_retries=2), on the first target only."""
     import openai
@@ -53,16 +68,7 @@ def sdk(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str, Any]]]:
     client = openai.AsyncAzureOpenAI(
         azure_endpoint=resource_url(spec, t0), api_key=t0["api_key"], api_version=API_VERSION
     )
-    msgs, max_tokens = messages(spec)
-
-    async def call(stream: bool, first: Callable[[], None]) -> None:
-        await consume_openai(
-            client.chat.completions.create(
-                model=t0["deployment"], messages=msgs, max_tokens=max_tokens, stream=stream  # type: ignore[arg-type]
-            ),
-            stream,
-            first,
-        )
+    call = openai_call(client, t0["deployment"], spec)
 
     return call, lambda: {"openai": openai.__version__, "max_retries": client.max_retries}
 
@@ -94,16 +100,7 @@ def tower_py(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str, Any]]
         api_version=API_VERSION,
         http_client=httpx2.AsyncClient(transport=transport),
     )
-    msgs, max_tokens = messages(spec)
-
-    async def call(stream: bool, first: Callable[[], None]) -> None:
-        await consume_openai(
-            client.chat.completions.create(
-                model=t0["deployment"], messages=msgs, max_tokens=max_tokens, stream=stream  # type: ignore[arg-type]
-            ),
-            stream,
-            first,
-        )
+    call = openai_call(client, t0["deployment"], spec)
 
     def info() -> dict[str, Any]:
         out: dict[str, Any] = {"openai": openai.__version__, "tower_aoai": tower_aoai.__version__}
@@ -143,16 +140,7 @@ def priority_lb(spec: dict[str, Any]) -> tuple[CallFn, Callable[[], dict[str, An
         api_version=API_VERSION,
         http_client=httpx.AsyncClient(transport=lb),
     )
-    msgs, max_tokens = messages(spec)
-
-    async def call(stream: bool, first: Callable[[], None]) -> None:
-        await consume_openai(
-            client.chat.completions.create(
-                model=t0["deployment"], messages=msgs, max_tokens=max_tokens, stream=stream  # type: ignore[arg-type]
-            ),
-            stream,
-            first,
-        )
+    call = openai_call(client, t0["deployment"], spec)
 
     return call, lambda: {"openai": openai.__version__}
 
