@@ -62,6 +62,20 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The most attempts a call may make, for the retry policy and the router alike.
+pub(crate) const MAX_ATTEMPTS: u32 = 100;
+
+/// Checks an attempt count: 1 to [`MAX_ATTEMPTS`]; else an error naming `field`.
+pub(crate) fn check_attempts(field: &'static str, attempts: u32) -> Result<u32, ConfigError> {
+    if attempts == 0 || attempts > MAX_ATTEMPTS {
+        return Err(ConfigError::new(
+            field,
+            format!("must be between 1 and {MAX_ATTEMPTS}, got {attempts}"),
+        ));
+    }
+    Ok(attempts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,13 +98,7 @@ impl RetryPolicy {
 
     /// Total attempts per call, the first included (1 disables retries).
     pub fn with_max_attempts(mut self, max_attempts: u32) -> Result<Self, ConfigError> {
-        if max_attempts == 0 || max_attempts > 100 {
-            return Err(ConfigError::new(
-                "max_attempts",
-                format!("must be between 1 and 100, got {max_attempts}"),
-            ));
-        }
-        self.max_attempts = max_attempts;
+        self.max_attempts = crate::policy::error::check_attempts("max_attempts", max_attempts)?;
         Ok(self)
     }
 

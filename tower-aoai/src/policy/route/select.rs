@@ -82,13 +82,7 @@ impl RoutePolicy {
 
     /// Attempts per call across all backends, hedges included (default 6).
     pub fn with_max_attempts(mut self, max_attempts: u32) -> Result<Self, ConfigError> {
-        if max_attempts == 0 || max_attempts > 100 {
-            return Err(ConfigError::new(
-                "max_attempts",
-                format!("must be between 1 and 100, got {max_attempts}"),
-            ));
-        }
-        self.max_attempts = max_attempts;
+        self.max_attempts = crate::policy::error::check_attempts("max_attempts", max_attempts)?;
         Ok(self)
     }
 
