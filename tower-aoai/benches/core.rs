@@ -20,6 +20,8 @@ use tower_aoai::policy::{AdaptiveLimit, LimitConfig, RetryBudget, RetryPolicy, T
 use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
 
 const QUOTA_429: &[u8] = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."}}"#;
+/// The overhead benchmark's request body (issue 7): 64 bytes.
+const SMALL_CHAT: &[u8] = br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
 const REQUEST: &[u8] = br#"{"messages":[{"role":"user","content":"Summarise the attached document in three bullet points, please."}],"max_tokens":256}"#;
 
 fn throttle_headers() -> HeaderMap {
@@ -199,6 +201,9 @@ fn decisions(c: &mut Criterion) {
     })
     .to_string();
     let estimator = TokenEstimator::default();
+    g.bench_function("token estimate (64-byte chat body)", |b| {
+        b.iter(|| estimator.estimate(black_box(SMALL_CHAT)))
+    });
     g.bench_function("token estimate (1 KiB chat body)", |b| {
         b.iter(|| estimator.estimate(black_box(chat.as_bytes())))
     });
