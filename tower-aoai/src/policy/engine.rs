@@ -50,11 +50,13 @@ use http::{HeaderMap, StatusCode};
 
 use super::classify::{self, Classification, Outcome, TransportError};
 use super::diagnose::{self, Diagnosis};
+use super::headers::RateLimitHeaders;
 use super::limit::{AdaptiveLimit, LimitConfig, Permit};
 use super::pacing::{Pacer, PacingConfig};
 use super::retry::{Action, CallState, GiveUpReason, RetryPolicy};
 use super::route::{
-    Availability, Backend, BackendId, Backends, Pick, RouteCall, RoutePolicy, Router, SupportRecord,
+    Availability, Backend, BackendId, Backends, Pick, RouteCall, RoutePolicy, RouteStats, Router,
+    SupportRecord,
 };
 use super::stats::{self, Attempt, Gauges, Stats};
 use super::{ConfigError, RetryBudget, TokenEstimator};
@@ -368,6 +370,27 @@ impl Engine {
         &self.retry
     }
 
+    /// The token estimator [`start`](Self::start) uses.
+    pub fn token_estimator(&self) -> &TokenEstimator {
+        &self.tokens
+    }
+
+    /// Whether any call waits for a permit now: a driver that gives a permit back wakes its
+    /// queued calls only then.
+    pub fn has_queued(&self) -> bool {
+        self.queued.iter().any(|&n| n > 0)
+    }
+
+    /// The support record of the latest 403 block of backend `id`'s resource, if it had one.
+    pub fn block_record(&self, id: BackendId) -> Option<Arc<SupportRecord>> {
+        self.router.block_record(id)
+    }
+
+    /// The router's counters (calls, attempts, hedges, cancellations, waits).
+    pub fn route_stats(&self) -> RouteStats {
+        self.router.stats()
+    }
+
     /// Retries the shared budget still allows at `now`.
     pub fn budget_remaining(&self, now: Instant) -> u32 {
         self.budget.remaining(now)
@@ -375,12 +398,24 @@ impl Engine {
 
     /// Opens a call at `now` for a request with this body; `deadline` is the caller's own.
     pub fn start(&mut self, now: Instant, body: &[u8], deadline: Option<Instant>) -> EngineCall {
+        let tokens = self.tokens.estimate(body);
+        self.start_estimated(now, tokens, deadline)
+    }
+
+    /// [`start`](Self::start) for a request whose tokens the driver already estimated (with
+    /// [`token_estimator`](Self::token_estimator), outside a lock, or from its own figure).
+    pub fn start_estimated(
+        &mut self,
+        now: Instant,
+        tokens: u64,
+        deadline: Option<Instant>,
+    ) -> EngineCall {
         let retry = self.retry.start(now, deadline, &mut self.budget);
         let route = self.router.start(now, retry.deadline());
         EngineCall {
             retry,
             route,
-            tokens: self.tokens.estimate(body),
+            tokens,
             not_before: None,
             queued_since: None,
             sent: 0,
@@ -594,7 +629,9 @@ impl Engine {
         let class = classify::classify_response(status, headers, body, wall_now);
         let id = ticket.backend;
         let mut kept = None;
-        self.pacers[id.index()].on_response_to(now, ticket.sent_at, headers);
+        // Found once, for the pacer and the stats.
+        let found = RateLimitHeaders::find(headers);
+        self.pacers[id.index()].on_found(now, ticket.sent_at, &found);
         if class.outcome.is_throttle() {
             // A quota (or unexplained) 429's hint holds every send to this backend, not just this
             // call's; the limit measures idleness from the end of that hold, not from now.
@@ -621,11 +658,11 @@ impl Engine {
                 wall_now,
             );
             self.stats.record_block(record.clone());
-            self.observe(&ticket, &class, Some(headers), now, wall_now);
+            self.observe(&ticket, &class, Some(&found), now, wall_now);
             self.limits[id.index()].on_cancel(ticket.permit, now);
             self.router.on_blocked(id, record, now);
         } else {
-            self.observe(&ticket, &class, Some(headers), now, wall_now);
+            self.observe(&ticket, &class, Some(&found), now, wall_now);
             let latency = now.saturating_duration_since(ticket.sent_at);
             if ticket.hedge && class.outcome == Outcome::Success {
                 let name = self.router.backends().get(id).name().to_owned();
@@ -695,21 +732,24 @@ impl Engine {
         &mut self,
         ticket: &Ticket,
         class: &Classification,
-        headers: Option<&HeaderMap>,
+        found: Option<&RateLimitHeaders<'_>>,
         now: Instant,
         wall_now: SystemTime,
     ) {
         let backend = self.router.backends().get(ticket.backend);
-        self.stats.record(Attempt {
-            backend: backend.name(),
-            region: backend.region(),
-            class,
-            headers,
-            latency: Some(now.saturating_duration_since(ticket.sent_at)),
-            retry: ticket.retry,
-            hedge: ticket.hedge,
-            wall_now,
-        });
+        self.stats.record_found(
+            Attempt {
+                backend: backend.name(),
+                region: backend.region(),
+                class,
+                headers: None,
+                latency: Some(now.saturating_duration_since(ticket.sent_at)),
+                retry: ticket.retry,
+                hedge: ticket.hedge,
+                wall_now,
+            },
+            found,
+        );
     }
 
     /// The retry decision after an attempt to `failed`, given that a failover needs no wait.

@@ -518,7 +518,7 @@ impl Pacer {
     /// [`on_response_to`](Self::on_response_to) with the send time unknown (taken as `now`: window inference then
     /// learns nothing from this response).
     pub fn on_response(&mut self, now: Instant, headers: &HeaderMap) {
-        self.learn(now, None, headers);
+        self.learn(now, None, &RateLimitHeaders::find(headers));
     }
 
     /// Learns from the headers of a response (received at `now`) to a request sent at `sent_at`:
@@ -526,11 +526,16 @@ impl Pacer {
     /// what remains of the current window (`x-ratelimit-remaining-*` with
     /// `x-ratelimit-reset-*`). Garbage values are ignored.
     pub fn on_response_to(&mut self, now: Instant, sent_at: Instant, headers: &HeaderMap) {
-        self.learn(now, Some(sent_at), headers);
+        self.learn(now, Some(sent_at), &RateLimitHeaders::find(headers));
     }
 
-    fn learn(&mut self, now: Instant, sent_at: Option<Instant>, headers: &HeaderMap) {
-        let found = RateLimitHeaders::find(headers);
+    /// [`on_response_to`](Self::on_response_to) with the headers already found, for a driver
+    /// that reads them once for the pacer and the stats.
+    pub fn on_found(&mut self, now: Instant, sent_at: Instant, found: &RateLimitHeaders<'_>) {
+        self.learn(now, Some(sent_at), found);
+    }
+
+    fn learn(&mut self, now: Instant, sent_at: Option<Instant>, found: &RateLimitHeaders<'_>) {
         if self.config.learn {
             let limit = header_count(found.limit_requests);
             let window = match self.config.limit_window.length() {

@@ -120,7 +120,10 @@ struct Seen<'h> {
 
 impl<'h> Seen<'h> {
     fn scan(headers: &'h HeaderMap, wall_now: SystemTime) -> Self {
-        let found = RateLimitHeaders::find(headers);
+        Self::of(&RateLimitHeaders::find(headers), wall_now)
+    }
+
+    fn of(found: &RateLimitHeaders<'h>, wall_now: SystemTime) -> Self {
         let h = Headroom {
             remaining_requests: rate_limit_count(found.remaining_requests),
             remaining_tokens: rate_limit_count(found.remaining_tokens),
@@ -264,6 +267,18 @@ impl Stats {
     /// Records one attempt.
     pub fn record(&mut self, attempt: Attempt<'_>) {
         let seen = attempt.headers.map(|h| Seen::scan(h, attempt.wall_now));
+        self.record_seen(attempt, seen);
+    }
+
+    /// [`record`](Self::record) with the response's rate-limit headers already found (`found`
+    /// stands for `attempt.headers`), for a driver that reads them once for the pacer and the
+    /// stats.
+    pub fn record_found(&mut self, attempt: Attempt<'_>, found: Option<&RateLimitHeaders<'_>>) {
+        let seen = found.map(|f| Seen::of(f, attempt.wall_now));
+        self.record_seen(attempt, seen);
+    }
+
+    fn record_seen(&mut self, attempt: Attempt<'_>, seen: Option<Seen<'_>>) {
         let b = self.backend_mut(attempt.backend);
         if b.region.is_none() {
             b.region = attempt.region.map(str::to_owned);

@@ -604,6 +604,13 @@ impl Router {
         Step::FailOver
     }
 
+    /// The support record of the latest 403 block of backend `id`'s resource, if it had one.
+    pub fn block_record(&self, id: BackendId) -> Option<Arc<SupportRecord>> {
+        self.blocks[self.backends.resource(id).0]
+            .as_ref()
+            .map(|b| b.record.clone())
+    }
+
     fn block(&mut self, id: BackendId, record: SupportRecord, now: Instant) {
         let resource = self.backends.resource(id);
         let until = now.checked_add(self.policy.block_for).unwrap_or(now);
@@ -625,7 +632,8 @@ impl Router {
         primary: BackendId,
         now: Instant,
     ) -> Option<Duration> {
-        if call.hedged {
+        // A lone backend has nowhere to hedge to.
+        if call.hedged || self.backends.len() < 2 {
             return None;
         }
         let own = self.policy.hedge.delay(&self.state[primary.0].latency)?;
