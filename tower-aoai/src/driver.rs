@@ -5,9 +5,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::Request;
 use http_body::Body;
 
+use crate::limit::TokenEstimate;
+use crate::policy::TokenEstimator;
 use crate::policy::classify::TransportError;
+use crate::policy::route::{BackendId, Backends, RewriteError};
 
 /// The current instant on tokio's clock (paused and advanced in tests), as the core takes it.
 pub(crate) fn now() -> Instant {
@@ -78,6 +82,61 @@ where
             Poll::Ready(Some(Err(_))) | Poll::Pending => return None,
         }
     }
+}
+
+/// Bodies larger than this are not read to estimate their tokens (the estimate then assumes the
+/// default completion budget and no prompt).
+const MAX_ESTIMATED_BODY: u64 = 8 * 1024 * 1024;
+
+/// The estimated tokens of a request: its [`TokenEstimate`] extension, else its body (when it is
+/// a clonable body of known, bounded size that is all in memory), else the estimator's default.
+/// A body that is not ready at once is estimated as if empty, never waited for.
+pub(crate) fn estimate_tokens<B>(
+    estimator: &TokenEstimator,
+    extensions: &http::Extensions,
+    body: &B,
+) -> u64
+where
+    B: Body + Clone,
+    B::Data: Buf,
+{
+    if let Some(TokenEstimate(tokens)) = extensions.get::<TokenEstimate>() {
+        return *tokens;
+    }
+    if body
+        .size_hint()
+        .exact()
+        .is_none_or(|n| n > MAX_ESTIMATED_BODY)
+    {
+        return estimator.estimate(b"");
+    }
+    in_memory_body(body).map_or_else(|| estimator.estimate(b""), |b| estimator.estimate(&b))
+}
+
+/// The request of one attempt to backend `id`: a copy of `parts` rewritten for it (URI, `host`,
+/// the backend's own credentials in place of the caller's) with `body`, or the body with its
+/// `model` replaced when the backend names another deployment.
+pub(crate) fn rewrite_request<B>(
+    backends: &Backends,
+    id: BackendId,
+    parts: &http::request::Parts,
+    body: &B,
+) -> Result<Request<B>, RewriteError>
+where
+    B: Body + From<Bytes> + Clone,
+    B::Data: Buf,
+{
+    let mut p = parts.clone();
+    let bytes = if backends.rewrites_body(id, &p.uri) {
+        in_memory_body(body)
+    } else {
+        None
+    };
+    let new_body = backends.rewrite(id, &mut p, bytes.as_deref())?;
+    Ok(Request::from_parts(
+        p,
+        new_body.map_or_else(|| body.clone(), B::from),
+    ))
 }
 
 #[cfg(test)]

@@ -7,22 +7,55 @@ use pin_project_lite::pin_project;
 use super::service::PermitGuard;
 use crate::policy::Outcome;
 use crate::policy::classify::TransientKind;
+use crate::stack::LeaseGuard;
 
 pin_project! {
-    /// The response body of [`AdaptiveConcurrency`](super::AdaptiveConcurrency): the inner body,
-    /// untouched, holding the attempt's permit until the body ends (a success counts then) or is
-    /// dropped (the attempt is counted as cancelled). A streaming response keeps its slot for as
-    /// long as the stream runs, which is what the service is working on.
+    /// The response body of [`AdaptiveConcurrency`](super::AdaptiveConcurrency) and of the
+    /// [`Stack`](crate::stack::Stack): the inner body, untouched, holding the attempt's permit
+    /// until the body ends (a success counts then) or is dropped (the attempt is counted as
+    /// cancelled). A streaming response keeps its slot for as long as the stream runs, which is
+    /// what the service is working on.
     #[derive(Debug)]
     pub struct LimitBody<B> {
         #[pin]
         inner: B,
-        guard: Option<PermitGuard>,
+        guard: Option<Held>,
+    }
+}
+
+/// What a body holds until it ends: a limiter's permit, or a lease on a permit of the
+/// [`Stack`](crate::stack::Stack)'s engine.
+#[derive(Debug)]
+enum Held {
+    Permit(PermitGuard),
+    Lease(LeaseGuard),
+}
+
+impl Held {
+    fn finish(self, outcome: Outcome) {
+        match self {
+            Held::Permit(guard) => guard.finish(outcome),
+            Held::Lease(guard) => guard.finish(outcome),
+        }
     }
 }
 
 impl<B: Body> LimitBody<B> {
     pub(super) fn new(inner: B, guard: Option<PermitGuard>) -> Self {
+        Self::holding(inner, guard.map(Held::Permit))
+    }
+
+    /// A body that holds nothing (its attempt's permit already went back).
+    pub(crate) fn free(inner: B) -> Self {
+        Self::holding(inner, None)
+    }
+
+    /// A body that holds the lease of a success until it ends.
+    pub(crate) fn leased(inner: B, lease: LeaseGuard) -> Self {
+        Self::holding(inner, Some(Held::Lease(lease)))
+    }
+
+    fn holding(inner: B, guard: Option<Held>) -> Self {
         let mut body = Self { inner, guard };
         if body.inner.is_end_stream() {
             body.finish(Outcome::Success);

@@ -78,6 +78,16 @@ impl AdaptiveConcurrencyLayer {
     pub fn pacing_config(&self) -> &PacingConfig {
         self.settings.pacer.config()
     }
+
+    /// The token estimator.
+    pub fn estimator(&self) -> &TokenEstimator {
+        &self.settings.estimator
+    }
+
+    /// The longest a call waits for a permit and for pacing together.
+    pub fn queue_timeout(&self) -> Duration {
+        self.settings.queue_timeout
+    }
 }
 
 impl<S> Layer<S> for AdaptiveConcurrencyLayer {

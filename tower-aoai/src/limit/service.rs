@@ -15,16 +15,12 @@ use tower_service::Service;
 
 use super::body::LimitBody;
 use super::layer::{AdaptiveConcurrencyLayer, Settings};
-use crate::driver::{in_memory_body, now, transport_error};
+use crate::driver::{estimate_tokens, now, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
 use crate::retry::body::Classified;
 use crate::retry::{Deadline, RetryBody};
-
-/// Bodies larger than this are not read to estimate their tokens (the estimate then assumes the
-/// default completion budget and no prompt).
-const MAX_ESTIMATED_BODY: u64 = 8 * 1024 * 1024;
 
 /// The estimated tokens of a request, as a request extension. When present, the limiter uses it
 /// instead of reading the request body.
@@ -292,7 +288,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     async move {
-        let tokens = estimate(&shared, &req);
+        let tokens = estimate_tokens(&shared.settings.estimator, req.extensions(), req.body());
         let start = now();
         let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
         let (limit_at, reason_at_limit) = wait_limit(&shared, start, &req);
@@ -372,30 +368,6 @@ fn wait_limit<B>(shared: &Shared, now: Instant, req: &Request<B>) -> (Instant, O
         Some(Deadline(deadline)) if *deadline < timeout => (*deadline, OverloadReason::Deadline),
         _ => (timeout, OverloadReason::QueueTimeout),
     }
-}
-
-/// The estimated tokens of the request: its [`TokenEstimate`] extension, else the body (when it
-/// is a clonable body of known, bounded size), else the estimator's default.
-fn estimate<B>(shared: &Shared, req: &Request<B>) -> u64
-where
-    B: Body + Clone,
-    B::Data: Buf,
-{
-    if let Some(TokenEstimate(tokens)) = req.extensions().get::<TokenEstimate>() {
-        return *tokens;
-    }
-    let estimator = &shared.settings.estimator;
-    let body = req.body();
-    if body
-        .size_hint()
-        .exact()
-        .is_none_or(|n| n > MAX_ESTIMATED_BODY)
-    {
-        return estimator.estimate(b"");
-    }
-    // A body of exact known size has all of it at hand (Full, String, Bytes). Anything that is
-    // not ready at once is estimated as if empty, never waited for.
-    in_memory_body(body).map_or_else(|| estimator.estimate(b""), |b| estimator.estimate(&b))
 }
 
 /// How a call can start.

@@ -12,7 +12,7 @@ use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::layer::Shared;
-use crate::driver::{in_memory_body, now, transport_error};
+use crate::driver::{now, rewrite_request, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
@@ -247,18 +247,7 @@ where
     ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let mut p = parts.clone();
-    let req = {
-        let core = shared.lock();
-        let backends = core.router.backends();
-        let bytes = if backends.rewrites_body(id, &p.uri) {
-            in_memory_body(body)
-        } else {
-            None
-        };
-        let new_body = backends.rewrite(id, &mut p, bytes.as_deref())?;
-        Request::from_parts(p, new_body.map_or_else(|| body.clone(), B::from))
-    };
+    let req = rewrite_request(shared.lock().router.backends(), id, parts, body)?;
     let sent_at = now();
     {
         let mut core = shared.lock();
