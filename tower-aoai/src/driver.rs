@@ -126,13 +126,12 @@ where
     B: Body + From<Bytes> + Clone,
     B::Data: Buf,
 {
-    let mut p = parts.clone();
-    let bytes = if backends.rewrites_body(id, &p.uri) {
+    let bytes = if backends.rewrites_body(id, &parts.uri) {
         in_memory_body(body)
     } else {
         None
     };
-    let new_body = backends.rewrite(id, &mut p, bytes.as_deref())?;
+    let (p, new_body) = backends.rewritten(id, parts, bytes.as_deref())?;
     Ok(Request::from_parts(
         p,
         new_body.map_or_else(|| body.clone(), B::from),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
 use crate::policy::ConfigError;
 use crate::policy::headers;
@@ -431,39 +431,60 @@ impl Backends {
         parts: &mut http::request::Parts,
         body: Option<&[u8]>,
     ) -> Result<Option<Bytes>, RewriteError> {
+        let (rewritten, body) = self.rewritten(id, parts, body)?;
+        *parts = rewritten;
+        Ok(body)
+    }
+
+    /// [`rewrite`](Self::rewrite) into a new copy of `parts`, which stay as they are (a driver
+    /// keeps them to try again): the headers are copied once, with the plan applied as they are
+    /// copied, instead of cloned and then edited (a clone has no room for the backend's auth
+    /// header, and growing it costs more than the copy).
+    pub fn rewritten(
+        &self,
+        id: BackendId,
+        parts: &http::request::Parts,
+        body: Option<&[u8]>,
+    ) -> Result<(http::request::Parts, Option<Bytes>), RewriteError> {
         let plan = self.plan(id, &parts.uri, body)?;
-        parts.uri = plan.uri;
-        // Which of the names it touches the request has, in one pass over its few names: a
-        // hashed lookup per name (seven of them) cost more than the rest of the rewrite.
-        let (mut host, mut length, mut auth) = (false, false, false);
-        for name in parts.headers.keys() {
-            if name == HOST {
-                host = true;
-            } else if name == http::header::CONTENT_LENGTH {
-                length = true;
-            } else if RewritePlan::REMOVED.contains(name) {
-                auth = true;
+        // Room for the backend's auth header and for what a client adds on its way out (`host`,
+        // `content-length`): growing a map costs more than the copy.
+        let mut headers = HeaderMap::with_capacity(parts.headers.keys_len() + 4);
+        let new_length = plan.body.as_ref().map(|b| HeaderValue::from(b.len()));
+        let (mut host, mut length) = (false, false);
+        for (name, value) in &parts.headers {
+            if RewritePlan::REMOVED.contains(name) {
+                continue;
             }
-        }
-        if host {
-            parts.headers.insert(HOST, plan.host);
-        }
-        if auth {
-            for name in &RewritePlan::REMOVED {
-                parts.headers.remove(name);
+            // `host` and a new body's `content-length` keep their place, with one value.
+            let replaced = if name == HOST {
+                Some((&mut host, &plan.host))
+            } else if name == http::header::CONTENT_LENGTH {
+                new_length.as_ref().map(|v| (&mut length, v))
+            } else {
+                None
+            };
+            match replaced {
+                Some((done, _)) if *done => {}
+                Some((done, new)) => {
+                    *done = true;
+                    headers.append(name.clone(), new.clone());
+                }
+                None => {
+                    headers.append(name.clone(), value.clone());
+                }
             }
         }
         if let Some((name, value)) = plan.auth {
-            parts.headers.insert(name, value);
+            headers.insert(name, value);
         }
-        if let Some(b) = &plan.body
-            && length
-        {
-            parts
-                .headers
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
-        }
-        Ok(plan.body)
+        let (mut rewritten, ()) = http::Request::new(()).into_parts();
+        rewritten.method = parts.method.clone();
+        rewritten.uri = plan.uri;
+        rewritten.version = parts.version;
+        rewritten.headers = headers;
+        rewritten.extensions = parts.extensions.clone();
+        Ok((rewritten, plan.body))
     }
 }
 
@@ -813,6 +834,68 @@ mod tests {
         assert_eq!(
             b.rewrite(BackendId(1), &mut p, Some(b"not json")).unwrap(),
             None
+        );
+    }
+
+    #[test]
+    fn a_rewritten_copy_keeps_every_other_header_in_order_and_leaves_the_original() {
+        let b = two();
+        let mut orig = parts(
+            "https://orig.example/openai/v1/chat/completions",
+            &[
+                ("host", "orig.example"),
+                ("x-first", "1"),
+                ("api-key", "CALLER-KEY"),
+                ("accept", "a"),
+                ("content-length", "40"),
+                ("accept", "b"),
+                ("host", "second.example"),
+                ("authorization", "Bearer CALLER"),
+                ("x-last", "2"),
+            ],
+        );
+        orig.method = http::Method::PUT;
+        orig.version = http::Version::HTTP_2;
+        orig.extensions.insert(7u32);
+        let before = format!("{:?}", orig.headers);
+        let body = br#"{"model":"m","messages":[]}"#;
+        let (p, new) = b.rewritten(BackendId(0), &orig, Some(body)).unwrap();
+        let new = new.unwrap();
+        assert_eq!(
+            format!("{:?}", orig.headers),
+            before,
+            "the original is untouched"
+        );
+        let got: Vec<(String, String)> = p
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        let want = [
+            ("host", "east.example.com"),
+            ("x-first", "1"),
+            ("accept", "a"),
+            ("accept", "b"),
+            ("content-length", new.len().to_string().as_str()),
+            ("x-last", "2"),
+            ("api-key", "EAST-KEY"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(got, want);
+        assert_eq!(p.method, http::Method::PUT);
+        assert_eq!(p.version, http::Version::HTTP_2);
+        assert_eq!(p.extensions.get::<u32>(), Some(&7));
+        assert_eq!(p.uri, "https://east.example.com/openai/v1/chat/completions");
+        // Without a new body, content-length stays as the caller sent it.
+        let (p, none) = b.rewritten(BackendId(0), &orig, None).unwrap();
+        assert_eq!(none, None);
+        assert_eq!(p.headers["content-length"], "40");
+        // `rewrite` in place is the same copy.
+        let mut in_place = orig.clone();
+        b.rewrite(BackendId(0), &mut in_place, None).unwrap();
+        assert_eq!(
+            format!("{:?}", in_place.headers),
+            format!("{:?}", p.headers)
         );
     }
 
