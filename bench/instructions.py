@@ -33,9 +33,9 @@ from _common import RESULTS, binary, machine  # noqa: E402
 VARIANTS = [
     "RetryLayer",
     "RetryLayer + AdaptiveConcurrencyLayer",
-    "Stack (retry + route)",
-    "full stack (retry + route + limit)",
-    "full stack, hedging off",
+    "Stack",
+    "layers composed (retry, route, limit)",
+    "layers composed, hedging off",
 ]
 # `aoai-bench overhead` warms every variant up with min(requests, 2000) calls before the round.
 WARM_UP = 2000

@@ -1,5 +1,5 @@
-//! The Rust contender of the goodput benchmark: tower-aoai's full stack (retry over route over an
-//! adaptive limiter per backend) over a hyper client, against the simulator's HTTP server.
+//! The Rust contender of the goodput benchmark: tower-aoai's [`Stack`] (retry, route and hedge,
+//! an adaptive limiter per backend) over a hyper client, against the simulator's HTTP server.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,10 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tower::{BoxError, Layer, ServiceBuilder, ServiceExt};
-use tower_aoai::policy::RetryPolicy;
-use tower_aoai::policy::route::{Backend, Backends, RoutePolicy};
-use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower_aoai::policy::route::Backend;
+use tower_aoai::stack::Stack;
 
 use crate::schedule::Schedule;
 
@@ -60,7 +59,6 @@ pub async fn run(schedule: &Schedule, options: &Options) -> Result<Value, BoxErr
             .with_tier(t.tier)
         })
         .collect();
-    let backends = Backends::new(backends)?;
     let hits = Arc::new(AtomicU64::new(0));
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
@@ -74,25 +72,10 @@ pub async fn run(schedule: &Schedule, options: &Options) -> Result<Value, BoxErr
             })
             .service(client)
     };
-    let limit = AdaptiveConcurrencyLayer::default();
-    let limited: Vec<_> = (0..backends.len())
-        .map(|_| limit.layer(counted.clone()))
-        .collect();
-    let handles: Vec<_> = limited.iter().map(|s| s.handle()).collect();
-    let route = RouteLayer::new(backends, RoutePolicy::default())
-        .with_seed(options.seed)
-        .with_headroom(move |id| {
-            let h = &handles[id.index()];
-            if h.has_room(0) {
-                let s = h.snapshot();
-                f64::from(s.limit.saturating_sub(s.in_flight))
-            } else {
-                0.0
-            }
-        });
-    let stack = RetryLayer::new(RetryPolicy::default())
-        .with_seed(options.seed.wrapping_add(1))
-        .layer(route.layer_each(limited));
+    let stack = Stack::builder()
+        .backends(backends)
+        .seed(options.seed)
+        .build(counted)?;
 
     let first = &schedule.targets[0];
     let url = format!(
@@ -193,7 +176,7 @@ pub async fn run(schedule: &Schedule, options: &Options) -> Result<Value, BoxErr
         .arrivals
         .first()
         .map_or(0.0, |a| a.at.as_secs_f64());
-    let stats = route.stats();
+    let stats = stack.route_stats();
     Ok(json!({
         "contender": "tower-aoai Rust stack",
         "hits": hits.load(Ordering::Relaxed),

@@ -152,13 +152,13 @@ fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
             "RetryLayer + AdaptiveConcurrencyLayer",
             BoxCloneSyncService::new(retry_limit),
         ),
-        ("Stack (retry + route)", BoxCloneSyncService::new(stack)),
+        ("Stack", BoxCloneSyncService::new(stack)),
         (
-            "full stack (retry + route + limit)",
+            "layers composed (retry, route, limit)",
             BoxCloneSyncService::new(full),
         ),
         (
-            "full stack, hedging off",
+            "layers composed, hedging off",
             BoxCloneSyncService::new(full_no_hedge),
         ),
     ])
