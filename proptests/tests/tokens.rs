@@ -314,6 +314,13 @@ fn flaw() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// The bytes of tiny bodies: JSON's punctuation, digits, letters of literals and escapes,
+/// whitespace, control characters, and the bytes of `é` and of no character.
+const TINY: [u8; 26] = [
+    b'"', b'\\', b'{', b'}', b'[', b']', b':', b',', b'0', b'1', b'-', b'.', b'e', b'n', b'u',
+    b'l', b't', b'a', b' ', b'\n', 0x1f, 0x7f, 0xc3, 0xa9, 0x80, 0xff,
+];
+
 fn estimators() -> impl Strategy<Value = (f64, f64, u64)> {
     (
         prop_oneof![Just(4.0), 0.5f64..8.0],
@@ -384,11 +391,12 @@ proptest! {
         prop_assert_eq!(e.estimate(&flawed), reference(&e, 4.0, 1.0, &flawed));
     }
 
-    /// Nesting around serde_json's recursion limit (128 arrays/objects is too deep for it), with
-    /// prompt text at the bottom: accepted and counted, or rejected, the same way.
+    /// Nesting around the depth where prompt text stops counting (16 levels) and around
+    /// serde_json's recursion limit (128 arrays/objects is too deep for it), with prompt text at
+    /// the bottom: counted or not, accepted or rejected, the same way.
     #[test]
     fn deep_nesting_agrees(
-        depth in 110usize..140,
+        depth in prop_oneof![10usize..24, 110usize..140],
         objects in proptest::collection::vec(any::<bool>(), 140),
         key in proptest::sample::select(&["messages", "input", "model"][..]),
         inner_key in proptest::sample::select(&["content", "text", "role"][..]),
@@ -408,5 +416,17 @@ proptest! {
         }
         body.push_str(",\"max_tokens\":3}");
         prop_assert_eq!(e.estimate(body.as_bytes()), reference(&e, 4.0, 1.0, body.as_bytes()));
+    }
+
+    /// Tiny bodies from the bytes that matter, bare or as a string (all of them read within
+    /// eight bytes of the end, where strings are scanned byte by byte): equal.
+    #[test]
+    fn tiny_bodies_agree(
+        bytes in proptest::collection::vec(proptest::sample::select(&TINY[..]), 0..10),
+        quoted in any::<bool>(),
+    ) {
+        let e = TokenEstimator::default();
+        let body = if quoted { [&b"\""[..], &bytes, b"\""].concat() } else { bytes };
+        prop_assert_eq!(e.estimate(&body), reference(&e, 4.0, 1.0, &body));
     }
 }

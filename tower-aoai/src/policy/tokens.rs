@@ -8,25 +8,28 @@
 //! # Reading the body
 //!
 //! The estimate runs for every attempt, so the body is read by a small single-pass scanner over
-//! its bytes ([`Reader`]) that keeps only the prompt's character count and the few numbers the
-//! estimate needs, and allocates nothing. It accepts exactly the bodies `serde_json` reads into a
-//! `serde_json::Value` and reads the same numbers from them (the property test
-//! `proptests/tests/tokens.rs` holds it to that reference); any other body is estimated from its
-//! length, as before. What it copies from `serde_json` 1.0 to agree with it:
+//! its bytes that keeps only the prompt's character count and the few numbers the estimate needs,
+//! allocates nothing, and reads plain string bytes eight at a time. It accepts exactly the bodies
+//! `serde_json` reads into a `serde_json::Value` and reads the same numbers from them (the
+//! property tests in `proptests/tests/tokens.rs` hold it to that reference); any other body is
+//! estimated from its length, as before. What it copies from `serde_json` 1.0 to agree with it:
 //!
-//! - nesting deeper than 127 arrays/objects is an error (`serde_json`'s recursion limit);
-//! - strings: no raw control characters, only the JSON escapes, `\u` surrogates in pairs, UTF-8;
+//! - nesting 128 arrays/objects deep is an error (`serde_json`'s recursion limit), which also
+//!   bounds the scanner's own recursion;
+//! - strings: no raw control characters, only JSON's escapes, `\u` surrogates in pairs, UTF-8;
 //! - a number whose value `serde_json` finds out of range (`1e400`) is an error; the rare number
-//!   that could be (an exponent, or 300 integer digits or more) is checked by `serde_json` itself,
-//!   whose overflow bound is its own fast, inexact one;
+//!   that could be (one with an exponent, or 300 integer digits or more) is checked by
+//!   `serde_json` itself, whose bound is its own fast, inexact one;
+//! - only whitespace (space, tab, CR, LF) may surround the value;
 //! - a key given twice counts once, with its last value (keys are compared after unescaping).
 //!
-//! Why not a JSON crate: `serde_json` (the one-pass visitor this replaces) pays a fixed cost per
-//! key and value through its visitors, about 2,200 instructions for a 64-byte chat body. `jiter`
-//! (pydantic's pull parser) would still need its own checks on top to agree with `serde_json`: its
+//! Why not a JSON crate: `serde_json`'s visitors (what this replaces) cost about 2,050
+//! instructions for a 64-byte chat body, this scanner about 1,040 (callgrind). `jiter`
+//! (pydantic's pull parser) would need the same checks on top to agree with `serde_json`: its
 //! recursion limit is 200, not 128, and it parses floats exactly (`lexical`), so its out-of-range
-//! bound differs; it also brings `unsafe` SIMD code and five crates (`bitvec`, `lexical-parse-float`,
-//! `num-bigint`, `num-traits`, `smallvec`) into a crate that forbids `unsafe`.
+//! bound differs; it would also bring `unsafe` SIMD code and five crates (`bitvec`,
+//! `lexical-parse-float`, `num-bigint`, `num-traits`, `smallvec`) into a crate that forbids
+//! `unsafe`.
 
 use super::ConfigError;
 
@@ -98,12 +101,10 @@ impl TokenEstimator {
     /// characters and the few numbers the estimate needs are kept (this runs for every attempt the
     /// limiter paces).
     pub fn estimate(&self, body: &[u8]) -> u64 {
-        let parsed = (body.len() <= MAX_PARSED_BODY)
-            .then(|| Summary::read(body))
-            .flatten();
-        let Some(summary) = parsed else {
+        let mut summary = Summary::default();
+        if body.len() > MAX_PARSED_BODY || summary.read(body).is_none() {
             return self.prompt_tokens(body.len() as u64) + self.default_completion_tokens;
-        };
+        }
         let chars = summary
             .prompt_chars
             .iter()
@@ -126,7 +127,12 @@ impl TokenEstimator {
     }
 
     fn prompt_tokens(&self, chars: u64) -> u64 {
-        (chars as f64 / self.chars_per_token * self.prompt_share).ceil() as u64
+        let tokens = chars as f64 / self.chars_per_token * self.prompt_share;
+        // `tokens.ceil() as u64` without a call to libm's `ceil` (x86-64's baseline has no
+        // rounding instruction), the same for every `tokens` (not negative here): below 2^53 the
+        // cast truncates; above, `tokens` is whole or saturates the cast; NaN casts to 0.
+        let whole = tokens as u64;
+        whole.saturating_add(u64::from((whole as f64) < tokens))
     }
 }
 
@@ -143,13 +149,14 @@ struct Summary {
 }
 
 impl Summary {
-    /// The summary of a JSON body, or `None` when `serde_json` would not read it as JSON.
-    fn read(body: &[u8]) -> Option<Self> {
+    /// Reads a JSON body into this (empty) summary, or `None` when `serde_json` would not read
+    /// it as JSON.
+    fn read(&mut self, body: &[u8]) -> Option<()> {
         let mut r = Reader {
             bytes: body,
             pos: 0,
         };
-        let mut s = Summary::default();
+        let s = self;
         if r.skip_ws()? == b'{' {
             r.members(0, |r, key, depth| {
                 match r.key(key, top_key) {
@@ -165,7 +172,7 @@ impl Summary {
         }
         // Only whitespace may follow the value.
         match r.skip_ws() {
-            None => Some(s),
+            None => Some(()),
             Some(_) => None,
         }
     }
@@ -178,29 +185,34 @@ enum Key {
     Choices(usize),
 }
 
+#[inline(always)]
 fn top_key(key: &[u8]) -> Option<Key> {
-    Some(match key {
-        b"messages" => Key::Prompt(0),
-        b"prompt" => Key::Prompt(1),
-        b"input" => Key::Prompt(2),
-        b"instructions" => Key::Prompt(3),
-        b"system" => Key::Prompt(4),
-        b"max_completion_tokens" => Key::Completion(0),
-        b"max_tokens" => Key::Completion(1),
-        b"max_output_tokens" => Key::Completion(2),
-        b"n" => Key::Choices(0),
-        b"best_of" => Key::Choices(1),
-        _ => return None,
-    })
+    // By length first: one comparison of known length per key.
+    let is = |name: &[u8], k: Key| (key == name).then_some(k);
+    match key.len() {
+        8 => is(b"messages", Key::Prompt(0)),
+        10 => is(b"max_tokens", Key::Completion(1)),
+        21 => is(b"max_completion_tokens", Key::Completion(0)),
+        1 => is(b"n", Key::Choices(0)),
+        6 if key[0] == b'p' => is(b"prompt", Key::Prompt(1)),
+        6 => is(b"system", Key::Prompt(4)),
+        5 => is(b"input", Key::Prompt(2)),
+        12 => is(b"instructions", Key::Prompt(3)),
+        17 => is(b"max_output_tokens", Key::Completion(2)),
+        7 => is(b"best_of", Key::Choices(1)),
+        _ => None,
+    }
 }
 
 /// The key of a message or part whose value holds text.
+#[inline(always)]
 fn text_key(key: &[u8]) -> Option<usize> {
-    match key {
-        b"content" => Some(0),
-        b"text" => Some(1),
-        b"input" => Some(2),
-        b"output" => Some(3),
+    let is = |name: &[u8], i: usize| (key == name).then_some(i);
+    match key.len() {
+        7 => is(b"content", 0),
+        4 => is(b"text", 1),
+        5 => is(b"input", 2),
+        6 => is(b"output", 3),
         _ => None,
     }
 }
@@ -216,6 +228,8 @@ struct Str {
     end: usize,
     /// It holds an escape, so its raw bytes are not its text.
     escaped: bool,
+    /// Its characters once unescaped (an escape is one, a surrogate pair one).
+    chars: u64,
 }
 
 /// A single-pass JSON scanner over a body's bytes. Every method returns `None` when the body is
@@ -228,8 +242,18 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     /// Skips whitespace; the next byte, not consumed, or `None` at the end.
-    #[inline]
+    #[inline(always)]
     fn skip_ws(&mut self) -> Option<u8> {
+        let b = *self.bytes.get(self.pos)?;
+        // Most values follow their separator directly.
+        if b > b' ' {
+            return Some(b);
+        }
+        self.skip_ws_slow()
+    }
+
+    #[inline(never)]
+    fn skip_ws_slow(&mut self) -> Option<u8> {
         while let Some(&b) = self.bytes.get(self.pos) {
             if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
                 return Some(b);
@@ -242,7 +266,7 @@ impl Reader<'_> {
     /// Reads any value, keeping nothing.
     fn skip(&mut self, depth: u32) -> Option<()> {
         match self.skip_ws()? {
-            b'"' => self.string::<false>().map(|_| ()),
+            b'"' => self.string().map(|_| ()),
             b'[' => self.elements(depth, |r, depth| r.skip(depth)),
             b'{' => self.members(depth, |r, _, depth| r.skip(depth)),
             _ => self.scalar().map(|_| ()),
@@ -256,7 +280,7 @@ impl Reader<'_> {
             return self.skip(depth).map(|()| 0);
         }
         match self.skip_ws()? {
-            b'"' => self.string::<true>().map(|(_, chars)| chars),
+            b'"' => self.string().map(|s| s.chars),
             b'[' => {
                 let mut total = 0u64;
                 self.elements(depth, |r, depth| {
@@ -269,7 +293,14 @@ impl Reader<'_> {
                 let mut parts = [0u64; 4];
                 self.members(depth, |r, key, depth| {
                     match r.key(key, text_key) {
+                        // A string read here, not in a call: most values of a message are.
+                        Some(i) if level < MAX_TEXT_LEVEL && r.skip_ws()? == b'"' => {
+                            parts[i] = r.string()?.chars;
+                        }
                         Some(i) => parts[i] = r.text(depth, level + 1)?,
+                        None if r.skip_ws()? == b'"' => {
+                            r.string()?;
+                        }
                         None => r.skip(depth)?,
                     }
                     Some(())
@@ -284,6 +315,7 @@ impl Reader<'_> {
     /// `u64` (what `serde_json::Value::as_u64` gives), `None` for any other value.
     fn count(&mut self, depth: u32) -> Option<Option<u64>> {
         match self.skip_ws()? {
+            b'0'..=b'9' | b'-' => self.number(),
             b'"' | b'[' | b'{' => self.skip(depth).map(|()| None),
             _ => self.scalar(),
         }
@@ -309,61 +341,60 @@ impl Reader<'_> {
 
     /// Reads a number (JSON grammar): the value when it is a non-negative integer that fits a
     /// `u64`.
+    #[inline(always)]
     fn number(&mut self) -> Option<Option<u64>> {
+        let bytes = self.bytes;
         let start = self.pos;
-        let negative = self.bytes[start] == b'-';
-        if negative {
-            self.pos += 1;
-        }
-        match self.bytes.get(self.pos)? {
+        let negative = bytes.get(start) == Some(&b'-');
+        let mut i = start + usize::from(negative);
+        let digits = i;
+        let mut value = 0u64;
+        match bytes.get(i)? {
             // One leading zero only: a digit after it is not read here, and so rejected by the
             // caller as a stray byte.
-            b'0' => self.pos += 1,
-            b'1'..=b'9' => self.digits(),
+            b'0' => i += 1,
+            b'1'..=b'9' => {
+                while let Some(&d) = bytes.get(i)
+                    && d.is_ascii_digit()
+                {
+                    value = value.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
+                    i += 1;
+                }
+            }
             _ => return None,
         }
-        let integer = &self.bytes[start + usize::from(negative)..self.pos];
-        let mut fraction = false;
-        if self.bytes.get(self.pos) == Some(&b'.') {
-            self.pos += 1;
-            self.first_digit()?;
-            fraction = true;
+        let digits = i - digits;
+        let mut integer = true;
+        if bytes.get(i) == Some(&b'.') {
+            i = digits_after(bytes, i + 1)?;
+            integer = false;
         }
         let mut exponent = false;
-        if let Some(b'e' | b'E') = self.bytes.get(self.pos) {
-            self.pos += 1;
-            if let Some(b'+' | b'-') = self.bytes.get(self.pos) {
-                self.pos += 1;
+        if let Some(b'e' | b'E') = bytes.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = bytes.get(i) {
+                i += 1;
             }
-            self.first_digit()?;
+            i = digits_after(bytes, i)?;
             exponent = true;
         }
-        if exponent || integer.len() >= 300 {
+        self.pos = i;
+        if exponent || digits >= 300 {
             // Maybe out of range: ask serde_json, whose bound is not the exact f64 one. Rare in a
             // request body, so its cost does not matter.
-            serde_json::from_slice::<serde_json::Value>(&self.bytes[start..self.pos]).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes[start..i]).ok()?;
         }
-        if negative || fraction || exponent {
+        if negative || !integer || exponent {
             return Some(None);
         }
-        Some(integer.iter().try_fold(0u64, |n, &d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        }))
-    }
-
-    /// Reads one digit or more.
-    fn first_digit(&mut self) -> Option<()> {
-        if !self.bytes.get(self.pos)?.is_ascii_digit() {
-            return None;
-        }
-        self.digits();
-        Some(())
-    }
-
-    fn digits(&mut self) {
-        while self.bytes.get(self.pos).is_some_and(u8::is_ascii_digit) {
-            self.pos += 1;
-        }
+        Some(match digits {
+            ..20 => Some(value),
+            // Up to u64::MAX (20 digits) and no further.
+            20 => bytes[start..i].iter().try_fold(0u64, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            }),
+            _ => None,
+        })
     }
 
     /// Reads the array at `pos` (its `[` not yet consumed), each element with `element`.
@@ -408,22 +439,28 @@ impl Reader<'_> {
             return None;
         }
         self.pos += 1;
-        if self.skip_ws()? == b'}' {
-            self.pos += 1;
-            return Some(());
+        match self.skip_ws()? {
+            b'"' => {}
+            b'}' => {
+                self.pos += 1;
+                return Some(());
+            }
+            _ => return None,
         }
         loop {
-            if self.skip_ws()? != b'"' {
-                return None;
-            }
-            let (key, _) = self.string::<false>()?;
+            let key = self.string()?;
             if self.skip_ws()? != b':' {
                 return None;
             }
             self.pos += 1;
             member(self, key, depth)?;
             match self.skip_ws()? {
-                b',' => self.pos += 1,
+                b',' => {
+                    self.pos += 1;
+                    if self.skip_ws()? != b'"' {
+                        return None;
+                    }
+                }
                 b'}' => {
                     self.pos += 1;
                     return Some(());
@@ -434,118 +471,146 @@ impl Reader<'_> {
     }
 
     /// Which key of `known` a string just read is, comparing its unescaped text.
-    #[inline]
-    fn key<T>(&self, key: Str, known: fn(&[u8]) -> Option<T>) -> Option<T> {
-        let raw = &self.bytes[key.start..key.end];
-        if !key.escaped {
-            return known(raw);
+    #[inline(always)]
+    fn key<T>(&self, key: Str, known: impl Fn(&[u8]) -> Option<T>) -> Option<T> {
+        let raw = self.bytes.get(key.start..key.end)?;
+        if key.escaped {
+            return unescaped_key(raw, known);
         }
-        let mut text = [0u8; LONGEST_KEY];
-        let len = unescape(raw, &mut text)?;
-        known(&text[..len])
+        known(raw)
     }
 
     /// Reads the string at `pos` (its opening quote not yet consumed), checking it as `serde_json`
-    /// does; with `COUNT`, also counts its characters (an escape is one, a surrogate pair one).
-    #[inline]
-    fn string<const COUNT: bool>(&mut self) -> Option<(Str, u64)> {
-        self.pos += 1;
-        let start = self.pos;
+    /// does: no raw control character, only JSON's escapes, `\u` surrogates in pairs, UTF-8.
+    #[inline(always)]
+    fn string(&mut self) -> Option<Str> {
+        let start = self.pos + 1;
+        let end = plain_run(self.bytes, start);
+        if *self.bytes.get(end)? == b'"' {
+            self.pos = end + 1;
+            return Some(Str {
+                start,
+                end,
+                escaped: false,
+                chars: (end - start) as u64,
+            });
+        }
+        self.string_rest(start, end)
+    }
+
+    /// The rest of a string that holds an escape, a non-ASCII byte or a control character, from
+    /// `i`.
+    #[inline(never)]
+    fn string_rest(&mut self, start: usize, mut i: usize) -> Option<Str> {
+        let bytes = self.bytes;
+        // Bytes that are not characters of their own: continuation bytes, escapes past their
+        // first byte.
+        let mut extra = 0usize;
         let mut escaped = false;
-        let mut chars = 0u64;
         loop {
-            let run = self.pos;
-            let mut high = 0u8;
-            let stop = loop {
-                let b = *self.bytes.get(self.pos)?;
-                if SPECIAL[usize::from(b)] {
-                    break b;
-                }
-                high |= b;
-                self.pos += 1;
-            };
-            let run = &self.bytes[run..self.pos];
-            // An escape and a quote are ASCII, so a run between them is UTF-8 on its own.
-            if high >= 0x80 {
-                std::str::from_utf8(run).ok()?;
-            }
-            if COUNT {
-                chars += if high >= 0x80 {
-                    run.iter().filter(|&&b| !is_continuation(b)).count() as u64
-                } else {
-                    run.len() as u64
-                };
-            }
-            match stop {
+            match *bytes.get(i)? {
                 b'"' => {
-                    let end = self.pos;
-                    self.pos += 1;
-                    return Some((
-                        Str {
-                            start,
-                            end,
-                            escaped,
-                        },
-                        chars,
-                    ));
+                    self.pos = i + 1;
+                    return Some(Str {
+                        start,
+                        end: i,
+                        escaped,
+                        chars: (i - start - extra) as u64,
+                    });
                 }
                 b'\\' => {
-                    self.pos += 1;
-                    self.escape()?;
+                    let end = escape(bytes, i + 1)?;
+                    extra += end - i - 1;
                     escaped = true;
-                    chars += 1;
+                    i = end;
+                }
+                0x80.. => {
+                    // A run of non-ASCII bytes: UTF-8 on its own, as an ASCII byte is never part
+                    // of a multi-byte character.
+                    let run = &bytes[i..];
+                    let len = run.iter().position(u8::is_ascii).unwrap_or(run.len());
+                    let run = &run[..len];
+                    std::str::from_utf8(run).ok()?;
+                    extra += run.iter().filter(|&&b| b & 0xC0 == 0x80).count();
+                    i += len;
                 }
                 // A raw control character.
                 _ => return None,
             }
+            i = plain_run(bytes, i);
         }
-    }
-
-    /// Reads an escape after its backslash. A `\u` surrogate must be a leading one followed by
-    /// a `\u` trailing one, as `serde_json` requires of a string.
-    fn escape(&mut self) -> Option<()> {
-        let b = *self.bytes.get(self.pos)?;
-        self.pos += 1;
-        match b {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(()),
-            b'u' => match self.hex4()? {
-                0xDC00..=0xDFFF => None,
-                0xD800..=0xDBFF => {
-                    if self.bytes.get(self.pos..self.pos + 2)? != b"\\u" {
-                        return None;
-                    }
-                    self.pos += 2;
-                    (0xDC00..=0xDFFF).contains(&self.hex4()?).then_some(())
-                }
-                _ => Some(()),
-            },
-            _ => None,
-        }
-    }
-
-    fn hex4(&mut self) -> Option<u16> {
-        let digits = self.bytes.get(self.pos..self.pos + 4)?;
-        self.pos += 4;
-        hex4(digits)
     }
 }
 
-/// Bytes that end a run of plain string bytes: a quote, a backslash, a control character.
-static SPECIAL: [bool; 256] = {
+/// The index of the first byte from `i` that is not plain ASCII in a string (a quote, a
+/// backslash, a control character, a non-ASCII byte), or the end.
+#[inline(always)]
+fn plain_run(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Eight bytes at a time. Each test sets the high bit of a byte it finds, and maybe of bytes
+    // after it (a borrow carries upwards), never before: the lowest bit set is the first one.
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let has_zero = |v: u64| v.wrapping_sub(ONES) & !v;
+        let quote = has_zero(x ^ (ONES * u64::from(b'"')));
+        let backslash = has_zero(x ^ (ONES * u64::from(b'\\')));
+        let control = x.wrapping_sub(ONES * 0x20) & !x;
+        let found = (quote | backslash | control | x) & HIGH;
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while bytes.get(i).is_some_and(|&b| PLAIN[usize::from(b)]) {
+        i += 1;
+    }
+    i
+}
+
+/// Reads an escape whose backslash is just before `i`: where it ends. A `\u` surrogate must be a
+/// leading one followed by a `\u` trailing one, as `serde_json` requires of a string.
+fn escape(bytes: &[u8], i: usize) -> Option<usize> {
+    match bytes.get(i)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(i + 1),
+        b'u' => match hex4(bytes.get(i + 1..i + 5)?)? {
+            0xDC00..=0xDFFF => None,
+            0xD800..=0xDBFF => {
+                if bytes.get(i + 5..i + 7)? != b"\\u" {
+                    return None;
+                }
+                let low = hex4(bytes.get(i + 7..i + 11)?)?;
+                (0xDC00..=0xDFFF).contains(&low).then_some(i + 11)
+            }
+            _ => Some(i + 5),
+        },
+        _ => None,
+    }
+}
+
+/// The end of one digit or more from `i`.
+fn digits_after(bytes: &[u8], mut i: usize) -> Option<usize> {
+    if !bytes.get(i)?.is_ascii_digit() {
+        return None;
+    }
+    while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    Some(i)
+}
+
+/// Bytes a string holds as they are: printable ASCII but the quote and the backslash.
+static PLAIN: [bool; 256] = {
     let mut table = [false; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        table[b] = true;
+    let mut b = 0x20;
+    while b < 0x80 {
+        table[b] = b != b'"' as usize && b != b'\\' as usize;
         b += 1;
     }
-    table[b'"' as usize] = true;
-    table[b'\\' as usize] = true;
     table
 };
-
-fn is_continuation(b: u8) -> bool {
-    b & 0xC0 == 0x80
-}
 
 fn hex4(digits: &[u8]) -> Option<u16> {
     digits.iter().try_fold(0u16, |n, &d| {
@@ -557,6 +622,15 @@ fn hex4(digits: &[u8]) -> Option<u16> {
         };
         Some(n << 4 | u16::from(v))
     })
+}
+
+/// Which key of `known` an escaped key is.
+#[cold]
+#[inline(never)]
+fn unescaped_key<T>(raw: &[u8], known: impl Fn(&[u8]) -> Option<T>) -> Option<T> {
+    let mut text = [0u8; LONGEST_KEY];
+    let len = unescape(raw, &mut text)?;
+    known(&text[..len])
 }
 
 /// Unescapes a string's raw bytes (already checked) into `out`: its length, or `None` when it
