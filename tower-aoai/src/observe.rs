@@ -56,7 +56,7 @@ impl StatsHandle {
 }
 
 /// The `tracing` event (and metrics) of one attempt.
-fn emit(attempt: &Attempt<'_>) {
+pub(crate) fn emit(attempt: &Attempt<'_>) {
     let outcome = attempt.class.outcome.as_str();
     // The event's fields are looked up only when someone listens for it.
     if tracing::enabled!(target: "tower_aoai::attempt", tracing::Level::DEBUG) {
@@ -104,7 +104,7 @@ fn emit(attempt: &Attempt<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, SystemTime};
@@ -116,7 +116,14 @@ mod tests {
 
     /// Everything a subscriber wrote.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(pub(crate) Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        /// What was written, as text.
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
 
     impl Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

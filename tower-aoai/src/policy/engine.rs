@@ -297,6 +297,16 @@ pub struct Engine {
     passthrough: bool,
     /// Calls waiting for a permit, per backend.
     queued: Vec<u32>,
+    observer: Option<Observer>,
+}
+
+/// What a driver runs on every attempt the engine records ([`Engine::with_observer`]).
+struct Observer(Box<dyn Fn(&Attempt<'_>) + Send + Sync>);
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Engine {
@@ -352,7 +362,18 @@ impl Engine {
                 .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
             passthrough,
             queued,
+            observer: None,
         })
+    }
+
+    /// Runs `observer` on every attempt as the engine records it into its stats (a driver's
+    /// `tracing` event and metrics, say). It runs while the engine is borrowed: keep it short.
+    pub fn with_observer(
+        mut self,
+        observer: impl Fn(&Attempt<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.observer = Some(Observer(Box::new(observer)));
+        self
     }
 
     /// Whether requests go where they already point (no backends configured).
@@ -658,11 +679,11 @@ impl Engine {
                 wall_now,
             );
             self.stats.record_block(record.clone());
-            self.observe(&ticket, &class, Some(&found), now, wall_now);
+            self.observe(&ticket, &class, Some((headers, &found)), now, wall_now);
             self.limits[id.index()].on_cancel(ticket.permit, now);
             self.router.on_blocked(id, record, now);
         } else {
-            self.observe(&ticket, &class, Some(&found), now, wall_now);
+            self.observe(&ticket, &class, Some((headers, &found)), now, wall_now);
             let latency = now.saturating_duration_since(ticket.sent_at);
             if ticket.hedge && class.outcome == Outcome::Success {
                 let name = self.router.backends().get(id).name().to_owned();
@@ -732,24 +753,26 @@ impl Engine {
         &mut self,
         ticket: &Ticket,
         class: &Classification,
-        found: Option<&RateLimitHeaders<'_>>,
+        response: Option<(&HeaderMap, &RateLimitHeaders<'_>)>,
         now: Instant,
         wall_now: SystemTime,
     ) {
         let backend = self.router.backends().get(ticket.backend);
-        self.stats.record_found(
-            Attempt {
-                backend: backend.name(),
-                region: backend.region(),
-                class,
-                headers: None,
-                latency: Some(now.saturating_duration_since(ticket.sent_at)),
-                retry: ticket.retry,
-                hedge: ticket.hedge,
-                wall_now,
-            },
-            found,
-        );
+        let attempt = Attempt {
+            backend: backend.name(),
+            region: backend.region(),
+            class,
+            headers: response.map(|(headers, _)| headers),
+            latency: Some(now.saturating_duration_since(ticket.sent_at)),
+            retry: ticket.retry,
+            hedge: ticket.hedge,
+            wall_now,
+        };
+        if let Some(observer) = &self.observer {
+            (observer.0)(&attempt);
+        }
+        self.stats
+            .record_found(attempt, response.map(|(_, found)| found));
     }
 
     /// The retry decision after an attempt to `failed`, given that a failover needs no wait.

@@ -1,11 +1,12 @@
 //! The recommended full stack, from one builder: retry → route/hedge → limit and pace per backend
 //! → client, as one service.
 //!
-//! A [`Stack`] makes the same decisions as the layers composed by hand
-//! (`RetryLayer` over `RouteLayer` over an `AdaptiveConcurrencyLayer` per backend), from the same
-//! sans-IO core, but runs each call as one future over one [`Engine`]: one copy of the request
-//! per attempt (the rewrite for its backend), one classification of each answer, one lock. The
-//! layers stay the à-la-carte API.
+//! A [`Stack`] is not the layers composed (`RetryLayer` over `RouteLayer` over an
+//! `AdaptiveConcurrencyLayer` per backend, which stay the à-la-carte API): it runs each call as
+//! one future over one [`Engine`], the sans-IO state machine the Python transports drive, which
+//! composes the same retry, router, limiter and pacer cores in the same order. Per attempt: one
+//! copy of the request (rewritten for its backend), one classification of the answer, two turns
+//! of one lock.
 //!
 //! - **Retry**: Retry-After-aware, budgeted; a failover to another backend waits for nothing, a
 //!   wait happens only when no backend is usable (the first to come back is waited for, within
@@ -250,7 +251,8 @@ impl StackBuilder {
             queue_timeout: limit.queue_timeout(),
             seed: self.seed,
         };
-        let engine = Engine::new(Some(backends), config)?;
+        // Every attempt is a `tracing` event (and metrics), as in the layers.
+        let engine = Engine::new(Some(backends), config)?.with_observer(crate::observe::emit);
         Ok(Stack {
             client,
             shared: Arc::new(Shared::new(engine)),

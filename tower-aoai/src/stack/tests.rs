@@ -334,7 +334,10 @@ async fn a_call_that_waits_past_the_queue_timeout_is_overloaded() {
     let t0 = tokio::time::Instant::now();
     let err = stack.clone().oneshot(req()).await.unwrap_err();
     let overloaded = err.downcast_ref::<crate::limit::Overloaded>().unwrap();
-    assert_eq!(overloaded.reason, crate::limit::OverloadReason::QueueTimeout);
+    assert_eq!(
+        overloaded.reason,
+        crate::limit::OverloadReason::QueueTimeout
+    );
     let waited = tokio::time::Instant::now() - t0;
     assert!(
         waited >= Duration::from_millis(1_990) && waited <= Duration::from_secs(2),
@@ -374,12 +377,10 @@ async fn a_success_holds_its_permit_until_its_body_ends() {
         .seed(1)
         .build(service_fn(|_: Request<Full<Bytes>>| async {
             // A body that does not know it has ended until it is read.
-            let body = http_body_util::StreamBody::new(futures_util::stream::iter([Ok::<
-                _,
-                Infallible,
-            >(
-                http_body::Frame::data(Bytes::from_static(b"data: {}\n\n")),
-            )]));
+            let body =
+                http_body_util::StreamBody::new(futures_util::stream::iter([Ok::<_, Infallible>(
+                    http_body::Frame::data(Bytes::from_static(b"data: {}\n\n")),
+                )]));
             Ok::<_, Infallible>(Response::new(body))
         }))
         .unwrap();
@@ -390,7 +391,11 @@ async fn a_success_holds_its_permit_until_its_body_ends() {
     assert_eq!(gauges(&stack, "a").in_flight, 0);
     let res = stack.clone().oneshot(req()).await.unwrap();
     drop(res);
-    assert_eq!(gauges(&stack, "a").in_flight, 0, "a dropped body gives it back");
+    assert_eq!(
+        gauges(&stack, "a").in_flight,
+        0,
+        "a dropped body gives it back"
+    );
     assert_eq!(stack.stats().backend("a").unwrap().successes, 2);
 }
 
@@ -440,8 +445,9 @@ async fn the_callers_deadline_bounds_the_wait_for_a_cooling_backend() {
         .unwrap();
     let t0 = tokio::time::Instant::now();
     let mut r = req();
-    r.extensions_mut()
-        .insert(crate::retry::Deadline((t0 + Duration::from_secs(2)).into_std()));
+    r.extensions_mut().insert(crate::retry::Deadline(
+        (t0 + Duration::from_secs(2)).into_std(),
+    ));
     let res = stack.clone().oneshot(r).await.unwrap();
     // The hint outlasts the deadline: the 429 comes back at once, marked, with no wait.
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -457,5 +463,51 @@ fn debug_names_backends_and_never_a_key() {
         .unwrap();
     let text = format!("{stack:?}");
     assert!(text.contains("east"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_is_a_tracing_event_without_secrets() {
+    let out = crate::observe::tests::Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("tower_aoai::attempt=debug")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _quiet_elsewhere = tracing::subscriber::set_default(subscriber);
+    let stack = Stack::builder()
+        .backend(
+            Backend::new("ptu", "https://ptu.example")
+                .with_api_key("ptu-secret-key")
+                .with_tier(0),
+        )
+        .backend(Backend::new("paygo", "https://paygo.example").with_tier(1))
+        .seed(1)
+        .build(service_fn(|req: Request<Full<Bytes>>| async move {
+            let status = if req.uri().host() == Some("ptu.example") {
+                429
+            } else {
+                200
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .header("apim-request-id", "req-7")
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap(),
+            )
+        }))
+        .unwrap();
+    let res = stack.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = out.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("attempt")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("backend=\"ptu\""), "{text}");
+    assert!(lines[0].contains("outcome=\"throttled_"), "{text}");
+    assert!(lines[1].contains("backend=\"paygo\""), "{text}");
+    assert!(lines[1].contains("outcome=\"success\""), "{text}");
+    assert!(lines[1].contains("apim_request_id=\"req-7\""), "{text}");
     assert!(!text.contains("secret"), "{text}");
 }
