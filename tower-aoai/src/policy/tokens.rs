@@ -26,11 +26,10 @@
 //! Why not a JSON crate: `serde_json`'s visitors (what this replaces) cost about 2,050
 //! instructions for a 64-byte chat body, this scanner about 1,040 (callgrind). `jiter`
 //! (pydantic's pull parser) walking the same body costs about 1,960 even without the checks it
-//! would need on top to agree with `serde_json`: its
-//! recursion limit is 200, not 128, and it parses floats exactly (`lexical`), so its out-of-range
-//! bound differs; it would also bring `unsafe` SIMD code and five crates (`bitvec`,
-//! `lexical-parse-float`, `num-bigint`, `num-traits`, `smallvec`) into a crate that forbids
-//! `unsafe`.
+//! would need on top to agree with `serde_json`: its recursion limit is 200, not 128, and it
+//! parses floats exactly (`lexical`), so its out-of-range bound differs. It would also bring
+//! `unsafe` SIMD code and five crates (`bitvec`, `lexical-parse-float`, `num-bigint`,
+//! `num-traits`, `smallvec`) into a crate that forbids `unsafe`.
 
 use super::ConfigError;
 
