@@ -17,6 +17,7 @@ use tower_aoai::policy::engine::{Engine, EngineConfig, Next};
 use tower_aoai::policy::hints::{delay_hint, parse_retry_after, parse_retry_after_ms};
 use tower_aoai::policy::route::{Backend, Backends, Pick, RoutePolicy, Router};
 use tower_aoai::policy::{AdaptiveLimit, LimitConfig, RetryBudget, RetryPolicy, TokenEstimator};
+use tower_aoai::stack::Stack;
 use tower_aoai::{AdaptiveConcurrencyLayer, RetryLayer, RouteLayer};
 
 const QUOTA_429: &[u8] = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."}}"#;
@@ -55,17 +56,18 @@ fn success_headers() -> HeaderMap {
     h
 }
 
+fn backend_list(n: usize) -> Vec<Backend> {
+    (0..n)
+        .map(|i| {
+            Backend::new(format!("b{i}"), format!("https://r{i}.openai.example"))
+                .with_deployment("gpt-4o")
+                .with_api_key("bench-key")
+        })
+        .collect()
+}
+
 fn backends(n: usize) -> Backends {
-    Backends::new(
-        (0..n)
-            .map(|i| {
-                Backend::new(format!("b{i}"), format!("https://r{i}.openai.example"))
-                    .with_deployment("gpt-4o")
-                    .with_api_key("bench-key")
-            })
-            .collect(),
-    )
-    .expect("valid backends")
+    Backends::new(backend_list(n)).expect("valid backends")
 }
 
 fn decisions(c: &mut Criterion) {
@@ -267,10 +269,25 @@ fn layers(c: &mut Criterion) {
         let route = RouteLayer::new(backends(4), RoutePolicy::default()).with_seed(1);
         RetryLayer::default().layer(route.layer_each(limited))
     });
-    g.bench_function("full stack (retry + route over 4 + limit each)", |b| {
+    g.bench_function("layers composed (retry + route over 4 + limit each)", |b| {
         b.iter(|| {
             rt.block_on(async {
                 let res = full.clone().oneshot(request()).await.expect("ok");
+                res.into_body().collect().await.expect("body")
+            })
+        })
+    });
+    let stack = rt.block_on(async {
+        Stack::builder()
+            .backends(backend_list(4))
+            .seed(1)
+            .build(inner)
+            .expect("a valid stack")
+    });
+    g.bench_function("Stack (over 4 backends)", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let res = stack.clone().oneshot(request()).await.expect("ok");
                 res.into_body().collect().await.expect("body")
             })
         })
