@@ -449,7 +449,11 @@ impl Backends {
         let plan = self.plan(id, &parts.uri, body)?;
         // Room for the backend's auth header and for what a client adds on its way out (`host`,
         // `content-length`): growing a map costs more than the copy.
-        let mut headers = HeaderMap::with_capacity(parts.headers.keys_len() + 4);
+        // A map never panics here: past what a header map holds, the rewrite is an error.
+        let names = parts.headers.keys_len();
+        let mut headers = HeaderMap::try_with_capacity(names + 4)
+            .or_else(|_| HeaderMap::try_with_capacity(names))
+            .map_err(|_| RewriteError::Headers)?;
         let new_length = plan.body.as_ref().map(|b| HeaderValue::from(b.len()));
         let (mut host, mut length) = (false, false);
         for (name, value) in &parts.headers {
@@ -464,19 +468,20 @@ impl Backends {
             } else {
                 None
             };
-            match replaced {
-                Some((done, _)) if *done => {}
+            let copied = match replaced {
+                Some((done, _)) if *done => continue,
                 Some((done, new)) => {
                     *done = true;
-                    headers.append(name.clone(), new.clone());
+                    headers.try_append(name.clone(), new.clone())
                 }
-                None => {
-                    headers.append(name.clone(), value.clone());
-                }
-            }
+                None => headers.try_append(name.clone(), value.clone()),
+            };
+            copied.map_err(|_| RewriteError::Headers)?;
         }
         if let Some((name, value)) = plan.auth {
-            headers.insert(name, value);
+            headers
+                .try_insert(name, value)
+                .map_err(|_| RewriteError::Headers)?;
         }
         let (mut rewritten, ()) = http::Request::new(()).into_parts();
         rewritten.method = parts.method.clone();
@@ -520,6 +525,8 @@ pub enum RewriteError {
     Uri,
     /// The token provider returned a value that cannot be sent in a header.
     Token,
+    /// The request has more headers than a header map can hold with the backend's.
+    Headers,
 }
 
 impl fmt::Display for RewriteError {
@@ -527,6 +534,7 @@ impl fmt::Display for RewriteError {
         f.write_str(match self {
             RewriteError::Uri => "the request URI could not be rewritten for the backend",
             RewriteError::Token => "the token provider returned a value that is not a valid header",
+            RewriteError::Headers => "the request has too many headers to be rewritten",
         })
     }
 }
@@ -897,6 +905,33 @@ mod tests {
             format!("{:?}", in_place.headers),
             format!("{:?}", p.headers)
         );
+    }
+
+    #[test]
+    fn a_request_with_more_headers_than_a_map_holds_is_an_error_not_a_panic() {
+        let b = two();
+        let mut p = parts(
+            "https://orig.example/openai/deployments/d/chat/completions",
+            &[],
+        );
+        // As many names as a map takes, less one: the backend's key would be one too many.
+        for i in 0.. {
+            let name = HeaderName::try_from(format!("x-h{i}")).unwrap();
+            if p.headers
+                .try_insert(name, HeaderValue::from_static("v"))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let err = b.rewritten(BackendId(0), &p, None).unwrap_err();
+        assert_eq!(err, RewriteError::Headers);
+        // A handful fewer names fit with the key.
+        let few = parts(
+            "https://orig.example/openai/deployments/d/chat/completions",
+            &[("x-a", "1")],
+        );
+        assert!(b.rewritten(BackendId(0), &few, None).is_ok());
     }
 
     #[test]
