@@ -1,7 +1,8 @@
 //! A whole call as one sans-IO state machine: retry, route, limit and pace, observe.
 //!
 //! The tower layers compose the core's pieces one middleware at a time. Drivers that run a call
-//! themselves — the Python transports, the simulator's virtual-time clients — use [`Engine`], which
+//! themselves — the Rust [`Stack`](crate::stack::Stack), the Python transports, the simulator's
+//! virtual-time clients — use [`Engine`], which
 //! composes the *same* pieces in the same order (retry → route → limit and pace per backend) so
 //! that every decision is still made here, once:
 //!

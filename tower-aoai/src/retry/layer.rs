@@ -53,8 +53,8 @@ impl RetryLayer {
     }
 
     /// Records every attempt (as backend `"default"`) into `stats`. Use it when this layer talks
-    /// to one endpoint; in the full [`Stack`](crate::stack::Stack) the route layer records per
-    /// backend instead.
+    /// to one endpoint; over a [`RouteLayer`](crate::RouteLayer) the route layer records per
+    /// backend instead (and the [`Stack`](crate::stack::Stack) keeps its own stats).
     pub fn with_stats(self, stats: StatsHandle) -> Self {
         Self::from_parts(self.shared.policy, self.budget(), self.rng()).stats_into(Some(stats))
     }
