@@ -21,7 +21,9 @@
 //!   when every usable backend is full the call queues for a permit (at most the limiter's queue
 //!   timeout: then [`Overloaded`](crate::limit::Overloaded)). A success holds its permit until
 //!   its body ends, so a stream keeps its slot while it streams.
-//! - **Observe**: [`Stack::stats`] and [`Stack::diagnose`], per backend.
+//! - **Observe**: [`Stack::stats`] and [`Stack::diagnose`], per backend; every attempt is a
+//!   `tower_aoai::attempt` tracing event (and, with the `metrics` feature, a counter and a
+//!   latency sample), as in [`observe`](crate::observe).
 //!
 //! The caller's [`Deadline`](crate::retry::Deadline) bounds every wait; a request's
 //! [`TokenEstimate`](crate::limit::TokenEstimate) replaces reading its body for the estimate.
