@@ -10,7 +10,7 @@ Contenders:
   priority-lb  openai SDK 2.x + openai-priority-loadbalancer 1.1.1 (bench/.venv-peers)
   litellm      LiteLLM Router over every target, num_retries=2 (bench/.venv-peers)
   tower-py     openai SDK 3.x over tower_aoai.AsyncTransport(backends=every target)
-  tower-rust   tower-aoai's Rust stack (retry, route, limit) over hyper (aoai-bench goodput)
+  tower-rust   tower-aoai's Rust Stack (one service over the engine) over hyper (aoai-bench goodput)
 
 Times are virtual (the scenario's seconds): real seconds times the time scale. Client-side
 backoffs that do not come from a server hint (the SDK's 0.5-8 s, LiteLLM's cooldowns, tower-aoai's

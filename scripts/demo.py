@@ -44,7 +44,7 @@ def explain(c: str, f: dict[str, Any], targets: list[str]) -> str:
             f"one endpoint, retried twice on the same region: {f['throttled_429']} 429s hit the server, "
             f"{failed} calls failed anyway ({share(f, targets)})."
         )
-    who = "the same SDK over tower_aoai.AsyncTransport" if c == "tower-py" else "retry, route and limit layers over hyper"
+    who = "the same SDK over tower_aoai.AsyncTransport" if c == "tower-py" else "tower_aoai::stack::Stack over hyper"
     return (
         f"{who}; honoured the hints and moved load off the throttled region "
         f"({share(f, targets)}); {f['throttled_429']} 429s, {failed} failed."
