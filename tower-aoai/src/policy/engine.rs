@@ -159,7 +159,8 @@ impl Lease {
 pub enum BodyEnd {
     /// Read to its end: the attempt counts as a success, its round trip measured to now.
     Finished,
-    /// The body broke off (a transport error while reading): counted as a connection failure.
+    /// The body broke off (a transport error while reading): counted as a connection failure by
+    /// the limit and as a failure by the backend's breaker.
     Failed,
     /// Closed or dropped before its end: the permit goes back without an outcome.
     Dropped,
@@ -631,6 +632,9 @@ impl Engine {
                     Outcome::Transient(super::TransientKind::Connect),
                     now,
                 );
+                // The backend's breaker learns it too: a region that resets its streams after
+                // the headers is failing, though each attempt's headers said success.
+                self.router.on_body_failed(lease.backend, now);
             }
             BodyEnd::Dropped => limit.on_cancel(lease.permit, now),
         }
@@ -1231,6 +1235,51 @@ mod tests {
         );
         e.end_body(lease.unwrap(), BodyEnd::Dropped, t1);
         assert_eq!(gauges(&mut e, t1), (0, 0));
+    }
+
+    #[test]
+    fn streams_that_break_after_their_headers_open_the_backends_breaker() {
+        let mut e = engine(Some(two_regions()));
+        let t0 = Instant::now();
+        let mut broke_on = Vec::new();
+        // Every stream from "west" breaks after its headers; "east" streams to the end.
+        for i in 0..40u64 {
+            let at = t0 + Duration::from_millis(10 * i);
+            let mut call = e.start(at, b"{}", None);
+            let ticket = send(&mut e, &mut call, at);
+            let id = ticket.backend();
+            let (after, lease) = e.on_response_streamed(
+                &mut call,
+                ticket,
+                StatusCode::OK,
+                &HeaderMap::new(),
+                None,
+                at,
+                wall(),
+            );
+            assert_eq!(after, After::Return);
+            let west = e.backends().get(id).name() == "west";
+            let end = if west {
+                BodyEnd::Failed
+            } else {
+                BodyEnd::Finished
+            };
+            e.end_body(lease.unwrap(), end, at);
+            if west {
+                broke_on.push(i);
+            }
+        }
+        let west = e.backends().find("west").unwrap();
+        assert!(
+            matches!(
+                e.router.availability(west, t0 + Duration::from_millis(400)),
+                Availability::BreakerOpen(_)
+            ),
+            "west's breaker is open after its streams broke at {broke_on:?}"
+        );
+        // Each broken stream counts a success (its headers) and a failure (its body): the
+        // breaker opens at half of its 5 results, after 3 such streams, and no more go west.
+        assert_eq!(broke_on.len(), 3, "{broke_on:?}");
     }
 
     #[test]

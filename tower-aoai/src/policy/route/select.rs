@@ -526,6 +526,15 @@ impl Router {
         self.stats.cancelled += 1;
     }
 
+    /// Records that a response from `id` broke off mid-body (a reset after its headers, which
+    /// [`on_response`](Self::on_response) already counted): a failure for the backend's breaker,
+    /// so a region that resets its streams is left alone like one that refuses connections.
+    pub fn on_body_failed(&mut self, id: BackendId, now: Instant) {
+        self.state[id.0]
+            .breaker
+            .on_result(&self.policy.breaker, true, now);
+    }
+
     /// Records the outcome of an attempt to `id` whose response headers (or error) arrived after
     /// `latency`, and says whether the call returns or fails over. A 403 block without a record
     /// gets a minimal one: prefer [`on_blocked`](Self::on_blocked).
