@@ -280,21 +280,7 @@ where
             let limit = call.call.deadline();
             let sent = match hedge {
                 None => {
-                    let answer = {
-                        let response: Result<_, BoxError> = sending.await.map_err(Into::into);
-                        match response {
-                            Ok(response) if !classify::needs_body(response.status()) => {
-                                Ok(Answer {
-                                    response: response.map(RetryBody::passthrough),
-                                    prefix: None,
-                                })
-                            }
-                            // An error's body is read in a boxed future: an error is the
-                            // exception, and its read should not grow every call's future.
-                            Ok(response) => Box::pin(read_answer(response, limit)).await,
-                            Err(e) => Err(e),
-                        }
-                    };
+                    let answer = exchange(sending, limit).await;
                     feed(&shared, &mut call.call, attempt, answer)
                 }
                 // Boxed: only a call that may hedge needs the race's state.
@@ -459,25 +445,7 @@ where
                     .flatten();
                 (after, lease, engine.has_queued(), blocked)
             };
-            if let Some(record) = blocked {
-                tracing::warn!(
-                    backend = backend.index(),
-                    "tower_aoai: resource blocked (403); no traffic goes there for a while:\n{record}"
-                );
-                shared.wake(queued);
-                // No other resource could serve: the block is the call's answer, as an error
-                // that carries the record for a support request.
-                if after != After::Retry {
-                    return Sent {
-                        after: After::Return,
-                        result: Err(BlockedError::new(record).into()),
-                    };
-                }
-                return Sent {
-                    after,
-                    result: Ok(response.map(LimitBody::free)),
-                };
-            }
+            // Only a success keeps its permit (in the lease, until its body ends).
             let response = match lease {
                 Some(lease) => response.map(|body| {
                     LimitBody::leased(
@@ -493,6 +461,20 @@ where
                     response.map(LimitBody::free)
                 }
             };
+            if let Some(record) = blocked {
+                tracing::warn!(
+                    backend = backend.index(),
+                    "tower_aoai: resource blocked (403); no traffic goes there for a while:\n{record}"
+                );
+                // No other resource could serve: the block is the call's answer, as an error
+                // that carries the record for a support request.
+                if after != After::Retry {
+                    return Sent {
+                        after: After::Return,
+                        result: Err(BlockedError::new(record).into()),
+                    };
+                }
+            }
             Sent {
                 after,
                 result: Ok(response),
