@@ -18,6 +18,13 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Takes the service that `poll_ready` made ready, to serve one call, and leaves a clone in its
+/// place for the next (tower's idiom: a clone is not necessarily ready).
+pub(crate) fn take_ready<S: Clone>(svc: &mut S) -> S {
+    let clone = svc.clone();
+    std::mem::replace(svc, clone)
+}
+
 /// What kind of transport failure an inner service's error is: a timeout if any error in its
 /// source chain is a tokio or tower `Elapsed` or an I/O `TimedOut`, else a connection failure.
 pub(crate) fn transport_error(error: &(dyn std::error::Error + 'static)) -> TransportError {

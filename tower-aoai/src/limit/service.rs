@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use super::body::LimitBody;
 use super::layer::{AdaptiveConcurrencyLayer, Settings};
-use crate::driver::{estimate_tokens, now, transport_error};
+use crate::driver::{estimate_tokens, now, take_ready, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransientKind};
 use crate::policy::{AdaptiveLimit, Outcome, Pacer, Permit};
@@ -265,9 +265,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The ready service serves the call; a clone takes its place (tower's idiom).
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let ready = take_ready(&mut self.inner);
         ResponseFuture::new(run(ready, self.shared.clone(), req))
     }
 }

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::body::{Classified, RetryBody};
 use super::layer::Shared;
-use crate::driver::{now, transport_error};
+use crate::driver::{now, take_ready, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, TransportError};
 use crate::policy::engine::PASSTHROUGH_BACKEND;
@@ -80,9 +80,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The ready service serves the first attempt; a clone takes its place (tower's idiom).
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let ready = take_ready(&mut self.inner);
         let span = tracing::debug_span!(
             "tower_aoai.call",
             method = %req.method(),

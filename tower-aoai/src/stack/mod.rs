@@ -70,7 +70,7 @@ use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::driver::now;
+use crate::driver::{now, take_ready};
 use crate::future::ResponseFuture;
 use crate::limit::AdaptiveConcurrencyLayer;
 use crate::policy::diagnose::Diagnosis;
@@ -169,9 +169,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The ready client serves the first attempt; a clone takes its place (tower's idiom).
-        let clone = self.client.clone();
-        let ready = std::mem::replace(&mut self.client, clone);
+        let ready = take_ready(&mut self.client);
         // The request is taken apart here, not in the call's future: what a future's arguments
         // held keeps its room in the future (see `crate::future`).
         let (parts, body) = req.into_parts();
