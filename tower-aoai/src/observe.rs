@@ -123,6 +123,16 @@ pub(crate) mod tests {
         pub(crate) fn text(&self) -> String {
             String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
         }
+
+        /// A subscriber that writes here what `filter` lets through, without colours.
+        pub(crate) fn subscriber(&self, filter: &str) -> impl tracing::Subscriber + Send + Sync {
+            let writer = self.clone();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish()
+        }
     }
 
     impl Write for Captured {
@@ -156,27 +166,18 @@ pub(crate) mod tests {
         headers.insert(headers::APIM_REQUEST_ID, HeaderValue::from_static("req-42"));
         let stats = StatsHandle::new();
         let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("tower_aoai::attempt=debug")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let subscriber = out.subscriber("tower_aoai::attempt=debug");
         tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         assert!(text.contains("region=\"eastus2\""), "{text}");
         assert!(text.contains("apim_request_id=\"req-42\""), "{text}");
         assert!(text.contains("outcome=\"success\""), "{text}");
 
         // Nobody listening: nothing written, and the attempt is still counted.
         let quiet = Captured::default();
-        let writer = quiet.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("tower_aoai::attempt=info")
-            .with_writer(move || writer.clone())
-            .finish();
+        let subscriber = quiet.subscriber("tower_aoai::attempt=info");
         tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
-        assert!(quiet.0.lock().unwrap().is_empty());
+        assert!(quiet.text().is_empty());
         assert_eq!(
             stats.snapshot().backend("east").map(|b| b.requests),
             Some(2)

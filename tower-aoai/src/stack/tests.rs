@@ -270,14 +270,23 @@ fn slow_ok(
     })
 }
 
-fn limited(initial: u32, queue_timeout: Duration) -> crate::limit::AdaptiveConcurrencyLayer {
-    let limit = crate::policy::LimitConfig::default()
-        .with_initial(initial)
+/// A stack over `client` with one backend "a" whose limit is `limit` (fixed) and whose calls
+/// wait at most `queue_timeout` for a permit.
+fn one_limited_backend<S>(limit: u32, queue_timeout: Duration, client: S) -> Stack<S> {
+    let config = crate::policy::LimitConfig::default()
+        .with_initial(limit)
         .with_min(1)
-        .with_max(initial);
-    crate::limit::AdaptiveConcurrencyLayer::new(limit, crate::policy::PacingConfig::default())
-        .unwrap()
-        .with_queue(16, queue_timeout)
+        .with_max(limit);
+    let layer =
+        crate::limit::AdaptiveConcurrencyLayer::new(config, crate::policy::PacingConfig::default())
+            .unwrap()
+            .with_queue(16, queue_timeout)
+            .unwrap();
+    Stack::builder()
+        .backend(Backend::new("a", "https://a.example"))
+        .limit(layer)
+        .seed(1)
+        .build(client)
         .unwrap()
 }
 
@@ -287,12 +296,7 @@ fn gauges(stack: &Stack<impl Sized>, name: &str) -> crate::policy::stats::Gauges
 
 #[tokio::test(start_paused = true)]
 async fn a_full_backend_queues_and_a_returned_permit_wakes_the_next_call() {
-    let stack = Stack::builder()
-        .backend(Backend::new("a", "https://a.example"))
-        .limit(limited(2, Duration::from_secs(30)))
-        .seed(1)
-        .build(slow_ok(100))
-        .unwrap();
+    let stack = one_limited_backend(2, Duration::from_secs(30), slow_ok(100));
     let t0 = tokio::time::Instant::now();
     let calls: Vec<_> = (0..4)
         .map(|_| {
@@ -323,12 +327,7 @@ async fn a_full_backend_queues_and_a_returned_permit_wakes_the_next_call() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_that_waits_past_the_queue_timeout_is_overloaded() {
-    let stack = Stack::builder()
-        .backend(Backend::new("a", "https://a.example"))
-        .limit(limited(1, Duration::from_secs(2)))
-        .seed(1)
-        .build(slow_ok(10_000))
-        .unwrap();
+    let stack = one_limited_backend(1, Duration::from_secs(2), slow_ok(10_000));
     let busy = tokio::spawn(stack.clone().oneshot(req()));
     tokio::time::sleep(Duration::from_millis(10)).await;
     let t0 = tokio::time::Instant::now();
@@ -349,12 +348,7 @@ async fn a_call_that_waits_past_the_queue_timeout_is_overloaded() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_call_gives_back_its_permit_and_its_place_in_the_queue() {
-    let stack = Stack::builder()
-        .backend(Backend::new("a", "https://a.example"))
-        .limit(limited(1, Duration::from_secs(30)))
-        .seed(1)
-        .build(slow_ok(10_000))
-        .unwrap();
+    let stack = one_limited_backend(1, Duration::from_secs(30), slow_ok(10_000));
     let sending = tokio::spawn(stack.clone().oneshot(req()));
     tokio::time::sleep(Duration::from_millis(10)).await;
     let queued = tokio::spawn(stack.clone().oneshot(req()));
@@ -469,13 +463,8 @@ fn debug_names_backends_and_never_a_key() {
 #[tokio::test(start_paused = true)]
 async fn every_attempt_is_a_tracing_event_without_secrets() {
     let out = crate::observe::tests::Captured::default();
-    let writer = out.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("tower_aoai::attempt=debug")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _quiet_elsewhere = tracing::subscriber::set_default(subscriber);
+    let _quiet_elsewhere =
+        tracing::subscriber::set_default(out.subscriber("tower_aoai::attempt=debug"));
     let stack = Stack::builder()
         .backend(
             Backend::new("ptu", "https://ptu.example")

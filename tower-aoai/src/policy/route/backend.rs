@@ -914,7 +914,7 @@ mod tests {
             "https://orig.example/openai/deployments/d/chat/completions",
             &[],
         );
-        // As many names as a map takes, less one: the backend's key would be one too many.
+        // As many names as a map holds: the backend's key is one too many.
         for i in 0.. {
             let name = HeaderName::try_from(format!("x-h{i}")).unwrap();
             if p.headers
