@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,32 @@ def binary(name: str, package: str, env_var: str) -> Path:
         if path.is_file():
             return path
     sys.exit(f"built {name} but cannot find it under {[str(d) for d in _target_dirs()]}")
+
+
+def callgrind_instructions(argv: list[str], env: dict[str, str] | None = None, main_thread_only: bool = False) -> int:
+    """Instructions `argv` executes under valgrind's callgrind: the whole process, or only its
+    main thread (``--separate-threads``: a loopback server on a thread of its own is left out).
+    Startup is included; callers difference two runs of different sizes to cancel it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        flags = ["--separate-threads=yes"] if main_thread_only else []
+        run = subprocess.run(
+            ["valgrind", "--tool=callgrind", *flags, f"--callgrind-out-file={out}", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+            check=True,
+        )
+        if main_thread_only:
+            # One file per thread; `-01` is the main thread's.
+            main = Path(f"{out}-01")
+            found = re.search(r"^summary: (\d+)", main.read_text(), re.MULTILINE) if main.is_file() else None
+        else:
+            found = re.search(r"refs:\s+([\d,]+)", run.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in callgrind's output:\n{run.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
 
 
 class Server:

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, binary, machine  # noqa: E402
+from _common import RESULTS, binary, callgrind_instructions, machine  # noqa: E402
 
 VARIANTS = [
     "RetryLayer",
@@ -44,38 +41,8 @@ WARM_UP = 2000
 def instructions(bench: Path, requests: int, only: str) -> int:
     """Instructions the client thread (the main thread: the client runs on a current-thread
     runtime there) executes in one `aoai-bench overhead` run of the bare client and `only`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "callgrind.out"
-        run = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--separate-threads=yes",
-                f"--callgrind-out-file={out}",
-                str(bench),
-                "overhead",
-                "--requests",
-                str(requests),
-                "--rounds",
-                "1",
-                "--concurrency",
-                "1",
-                "--only",
-                only,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            check=True,
-        )
-        # One file per thread; `-01` is the main thread's.
-        main_thread = Path(f"{out}-01")
-        found = None
-        if main_thread.is_file():
-            found = re.search(r"^summary: (\d+)", main_thread.read_text(), re.MULTILINE)
-    if not found:
-        sys.exit(f"no instruction count for the client thread:\n{run.stderr[-2000:]}")
-    return int(found.group(1))
+    argv = [str(bench), "overhead", "--requests", str(requests), "--rounds", "1", "--concurrency", "1", "--only", only]
+    return callgrind_instructions(argv, main_thread_only=True)
 
 
 def main() -> None:

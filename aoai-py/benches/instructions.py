@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +25,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import overhead  # noqa: E402
-from _common import Server, binary  # noqa: E402
+from _common import Server, binary, callgrind_instructions  # noqa: E402
 
 KINDS = ("sync", "async")
 
@@ -54,15 +52,8 @@ def run_one(kind: str, index: int, requests: int, concurrency: int) -> None:
 def instructions(kind: str, index: int, requests: int, concurrency: int) -> int:
     """Instructions the client executed for `requests` requests (startup included)."""
     env = dict(os.environ, PYTHONHASHSEED="0")
-    argv = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, __file__, "--one", kind, str(index), str(requests), "--concurrency", str(concurrency),
-    ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True, timeout=1800).stderr
-    found = re.search(r"refs:\s+([\d,]+)", out)
-    if found is None:
-        raise RuntimeError(f"no instruction count in callgrind's output:\n{out[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    argv = [sys.executable, __file__, "--one", kind, str(index), str(requests), "--concurrency", str(concurrency)]
+    return callgrind_instructions(argv, env=env)
 
 
 def main() -> int:
