@@ -208,8 +208,9 @@ def test_importing_needs_no_legacy_httpx() -> None:
 
 def test_a_rewrite_plan_replaces_every_caller_secret_and_keeps_the_other_headers() -> None:
     """The transports apply the core's rewrite plan to httpx's headers (its triples, or raw pairs
-    for an httpx without them): every auth header the caller sent is dropped, the backend's own
-    is added, `host` and (for a new body) `content-length` are replaced, the rest stay in order."""
+    for an httpx without them) as `Backends::rewritten` does in Rust: every auth header the caller
+    sent is dropped, the backend's own is added, `host` and (for a new body) `content-length` are
+    replaced in place with one value each (a second `host` goes), the rest stay in order."""
     import httpx2
 
     from tower_aoai import _core
@@ -239,6 +240,7 @@ def test_a_rewrite_plan_replaces_every_caller_secret_and_keeps_the_other_headers
             ("X-Api-Key", "X"),
             ("Content-Length", "3"),
             ("X-Keep", "2"),
+            ("Host", "second.example"),
         ],
         content=b"abc",
     )

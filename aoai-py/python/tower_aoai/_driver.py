@@ -259,18 +259,22 @@ _REMOVED = frozenset(REWRITE_REMOVES)
 def _rewritten_headers(
     items: Any, triples: bool, host: bytes, auth: tuple[bytes, bytes] | None, length: bytes | None
 ) -> list[Any]:
-    """The request's headers edited by the backend's plan: ``host`` (if present) and, with a new
-    body, ``content-length`` (if present) replaced; every auth header dropped, then the backend's
-    added. Only these few ever cross into Rust; the rest are kept as they are."""
+    """The request's headers edited by the backend's plan, as ``Backends::rewritten`` edits a
+    Rust request: ``host`` (if present) and, with a new body, ``content-length`` (if present)
+    replaced in place, one value each; every auth header dropped, then the backend's added. Only
+    these few ever cross into Rust; the rest are kept as they are."""
     out: list[Any] = []
+    replaced: set[bytes] = set()
     for item in items:
         lower = item[1] if triples else item[0].lower()
         if lower in _REMOVED:
             continue
-        if lower == b"host":
-            item = (item[0], item[1], host) if triples else (item[0], host)
-        elif length is not None and lower == b"content-length":
-            item = (item[0], item[1], length) if triples else (item[0], length)
+        new = host if lower == b"host" else length if lower == b"content-length" else None
+        if new is not None:
+            if lower in replaced:
+                continue  # a name given twice keeps one value, the new one
+            replaced.add(lower)
+            item = (item[0], item[1], new) if triples else (item[0], new)
         out.append(item)
     if auth is not None:
         out.append((auth[0], auth[0], auth[1]) if triples else auth)
