@@ -72,7 +72,8 @@ enum Command {
         /// Requests per variant per round.
         #[arg(long, default_value_t = 2_000)]
         requests: usize,
-        /// Interleaved rounds (the median counts).
+        /// Interleaved rounds, in a rotating order (the medians count; the overhead is paired
+        /// per round with the bare client).
         #[arg(long, default_value_t = 21)]
         rounds: usize,
         /// Concurrent callers (several values run one after the other).
@@ -200,13 +201,28 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// An overhead ratio with its spread, in percent: "4.1 % (2.9–5.3)" (median and quartiles of the
+/// per-round ratios); "?" if the row has no such figure.
+fn spread(row: &serde_json::Value, key: &str) -> String {
+    let pct = |k: &str| row[k].as_f64().map(|v| v * 100.0);
+    match (
+        pct(key),
+        pct(&format!("{key}_q1")),
+        pct(&format!("{key}_q3")),
+    ) {
+        (Some(m), Some(q1), Some(q3)) => format!("{m:.1} % ({q1:.1}–{q3:.1})"),
+        (Some(m), _, _) => format!("{m:.1} %"),
+        _ => "?".into(),
+    }
+}
+
 fn print_overhead(run: &serde_json::Value) {
     println!(
-        "concurrency {} · {} requests x {} rounds per variant (median round) · zero-latency hyper server on 127.0.0.1",
+        "concurrency {} · {} requests x {} rounds per variant, rotating order · medians; overhead paired per round with the bare client (quartiles in brackets) · zero-latency hyper server on 127.0.0.1",
         run["concurrency"], run["requests"], run["rounds"]
     );
     println!(
-        "{:<40} {:>11} {:>11} {:>9} {:>9} | {:>11} {:>9} {:>9}",
+        "{:<40} {:>11} {:>11} {:>9} {:>22} | {:>11} {:>9} {:>22}",
         "variant",
         "wall µs/req",
         "requests/s",
@@ -219,15 +235,15 @@ fn print_overhead(run: &serde_json::Value) {
     for row in run["rows"].as_array().into_iter().flatten() {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<40} {:>11.2} {:>11.0} {:>9.2} {:>7.1} % | {:>11.2} {:>9.2} {:>7.1} %",
+            "{:<40} {:>11.2} {:>11.0} {:>9.2} {:>22} | {:>11.2} {:>9.2} {:>22}",
             row["variant"].as_str().unwrap_or("?"),
             f("us_per_request"),
             f("requests_per_s"),
             f("added_us"),
-            f("overhead_ratio") * 100.0,
+            spread(row, "overhead_ratio"),
             f("cpu_us_per_request"),
             f("cpu_added_us"),
-            f("cpu_overhead_ratio") * 100.0
+            spread(row, "cpu_overhead_ratio"),
         );
     }
     println!();
