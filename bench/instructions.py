@@ -7,8 +7,12 @@ and is left out, as it would be on another machine; one caller), and derives per
 
 - the bare hyper request: from two bare-only runs of different sizes (their difference cancels
   the fixed cost of starting runtimes, the server and the connection);
-- each variant: a run of the bare client and the variant with the same number of requests (the
-  bench always runs the bare client first), less the bare-only run of that size.
+- each variant: a run of the bare client and the variant with the same number of requests (in
+  one round; the order they run in does not change the count), less the bare-only run of that
+  size.
+
+"tower stock: Retry + ConcurrencyLimit" is a calibration floor: tower's own retry (copying each
+request) over tower's own concurrency limit, what any retrying, limiting tower stack pays.
 
     python bench/instructions.py [--requests 3000] [--only SUBSTRING]
 
@@ -29,6 +33,7 @@ from _common import RESULTS, binary, callgrind_instructions, machine  # noqa: E4
 
 VARIANTS = [
     "RetryLayer",
+    "tower stock: Retry + ConcurrencyLimit",
     "RetryLayer + AdaptiveConcurrencyLayer",
     "Stack",
     "layers composed (retry, route, limit)",

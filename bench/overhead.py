@@ -5,7 +5,8 @@ Every variant runs in the same process, interleaved round by round in a rotating
 machine load hits them alike). Two figures per variant: wall time per request (what a caller
 sees) and the client thread's CPU time per request (what the transport costs, less sensitive to
 other load on the machine), each the median over the rounds; a variant's added time and overhead
-are the medians of its per-round differences and ratios to the bare transport (paired rounds).
+are the medians of its per-round differences and ratios to the bare transport (paired rounds),
+and the 25th and 75th percentiles of those ratios show their spread: "4.1 % (2.9–5.3)".
 Sync: one caller, sequential requests (µs per request is the latency). Async: ``--concurrency``
 callers on one event loop (µs per request is 1/throughput).
 It also runs the Rust side (``aoai-bench overhead``) unless ``--no-rust``, and writes both to
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -105,46 +105,85 @@ async def async_round(client: httpx2.AsyncClient, url: str, n: int, concurrency:
     return (time.perf_counter() - start) / n, (time.thread_time() - cpu) / n
 
 
+def spread(row: dict[str, Any], key: str) -> str:
+    """An overhead ratio with its spread, in percent: "4.1 % (2.9–5.3)" (the median and the
+    quartiles of the per-round ratios); without quartiles (older results) just "4.1 %"."""
+    if row.get(key) is None:
+        return "?"
+    text = f"{row[key] * 100:.1f} %"
+    q1, q3 = row.get(f"{key}_q1"), row.get(f"{key}_q3")
+    if q1 is not None and q3 is not None:
+        text += f" ({q1 * 100:.1f}–{q3 * 100:.1f})"
+    return text
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        f"{'variant':<40} {'wall µs/req':>11} {'requests/s':>10} {'added µs':>9} {'overhead':>9} | "
-        f"{'client CPU':>10} {'added µs':>9} {'overhead':>9}"
+        f"{'variant':<40} {'wall µs/req':>11} {'requests/s':>10} {'added µs':>9} {'overhead':>22} | "
+        f"{'client CPU':>10} {'added µs':>9} {'overhead':>22}"
     ]
+    nan = float("nan")
     for r in rows:
         out.append(
-            f"{r['variant']:<40} {r['us_per_request']:>11.1f} {r['requests_per_s']:>10.0f} "
-            f"{r['added_us']:>9.1f} {r['overhead_ratio'] * 100:>7.1f} % | "
-            f"{r.get('cpu_us_per_request', float('nan')):>10.1f} {r.get('cpu_added_us', float('nan')):>9.1f} "
-            f"{r.get('cpu_overhead_ratio', float('nan')) * 100:>7.1f} %"
+            f"{r['variant']:<40} {r.get('us_per_request', nan):>11.1f} {r.get('requests_per_s', nan):>10.0f} "
+            f"{r.get('added_us', nan):>9.1f} {spread(r, 'overhead_ratio'):>22} | "
+            f"{r.get('cpu_us_per_request', nan):>10.1f} {r.get('cpu_added_us', nan):>9.1f} "
+            f"{spread(r, 'cpu_overhead_ratio'):>22}"
         )
     return "\n".join(out)
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``xs``, interpolating linearly between the two closest ranks
+    (``q = 0.5`` is the usual median; as ``quantile`` in aoai-bench/src/overhead.rs, and unlike
+    ``statistics.quantiles`` it takes a single round)."""
+    if not xs:
+        raise ValueError("quantile of no data")
+    s = sorted(xs)
+    pos = min(max(q, 0.0), 1.0) * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def paired(variant: list[float], bare: list[float]) -> dict[str, float]:
+    """A variant's per-round figures against the bare transport's of the same rounds: the median
+    difference (``added``) and the median, 25th and 75th percentile of the ratio less one."""
+    diffs = [v - b for v, b in zip(variant, bare, strict=True)]
+    ratios = [v / b - 1 for v, b in zip(variant, bare, strict=True)]
+    return {
+        "added": quantile(diffs, 0.5),
+        "ratio": quantile(ratios, 0.5),
+        "ratio_q1": quantile(ratios, 0.25),
+        "ratio_q3": quantile(ratios, 0.75),
+    }
 
 
 def summarise(names: list[str], samples: list[list[Sample]]) -> list[dict[str, Any]]:
     """Medians per variant; the added time and the overhead are the medians of each round's
     difference and ratio to the bare transport's figure *of the same round* (paired: a slow
-    stretch of the machine hits both sides of a pair alike, so it does not count as overhead)."""
-    wall = [statistics.median(w for w, _ in s) for s in samples]
-    cpu = [statistics.median(c for _, c in s) for s in samples]
-
-    def paired(i: int, k: int) -> tuple[float, float]:
-        pairs = [(v[k], b[k]) for v, b in zip(samples[i], samples[0], strict=True)]
-        return statistics.median(v - b for v, b in pairs), statistics.median(v / b - 1 for v, b in pairs)
-
+    stretch of the machine hits both sides of a pair alike, so it does not count as overhead),
+    with the quartiles of that ratio as its spread (``*_q1``, ``*_q3``)."""
     rows = []
-    for i, (name, w, c) in enumerate(zip(names, wall, cpu, strict=True)):
-        added, ratio = paired(i, 0)
-        cpu_added, cpu_ratio = paired(i, 1)
+    for name, s in zip(names, samples, strict=True):
+        wall = quantile([w for w, _ in s], 0.5)
+        cpu = quantile([c for _, c in s], 0.5)
+        p = paired([w for w, _ in s], [w for w, _ in samples[0]])
+        pc = paired([c for _, c in s], [c for _, c in samples[0]])
         rows.append(
             {
                 "variant": name,
-                "us_per_request": w * 1e6,
-                "requests_per_s": 1 / w,
-                "added_us": added * 1e6,
-                "overhead_ratio": ratio,
-                "cpu_us_per_request": c * 1e6,
-                "cpu_added_us": cpu_added * 1e6,
-                "cpu_overhead_ratio": cpu_ratio,
+                "us_per_request": wall * 1e6,
+                "requests_per_s": 1 / wall,
+                "added_us": p["added"] * 1e6,
+                "overhead_ratio": p["ratio"],
+                "overhead_ratio_q1": p["ratio_q1"],
+                "overhead_ratio_q3": p["ratio_q3"],
+                "cpu_us_per_request": cpu * 1e6,
+                "cpu_added_us": pc["added"] * 1e6,
+                "cpu_overhead_ratio": pc["ratio"],
+                "cpu_overhead_ratio_q1": pc["ratio_q1"],
+                "cpu_overhead_ratio_q3": pc["ratio_q3"],
             }
         )
     return rows
@@ -191,7 +230,7 @@ def main() -> int:
             c.close()
         print(
             f"Python, sync, 1 caller · {args.requests} requests x {args.rounds} rounds "
-            "(medians; overhead paired per round)"
+            "(medians; overhead paired per round, quartiles in brackets)"
         )
         print(table(rows), end="\n\n")
         result["python_sync"] = {"concurrency": 1, "requests": args.requests, "rounds": args.rounds, "rows": rows}
@@ -212,7 +251,7 @@ def main() -> int:
         arows = asyncio.run(run_async())
         print(
             f"Python, async, {args.concurrency} callers · {args.requests} requests x {args.rounds} rounds "
-            "(medians; overhead paired per round)"
+            "(medians; overhead paired per round, quartiles in brackets)"
         )
         print(table(arows), end="\n\n")
         result["python_async"] = {
@@ -232,7 +271,10 @@ def main() -> int:
         ).stdout
         result["rust"] = json.loads(out)
         for run in result["rust"]:
-            print(f"Rust, {run['concurrency']} callers · {run['requests']} requests x {run['rounds']} rounds (median)")
+            print(
+                f"Rust, {run['concurrency']} callers · {run['requests']} requests x {run['rounds']} rounds "
+                "(medians; overhead paired per round, quartiles in brackets)"
+            )
             print(table(run["rows"]), end="\n\n")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
