@@ -1,6 +1,7 @@
 """tower_aoai.AsyncTransport hedging: a slow attempt gets a second one to another backend after
 the latency quantile, the first successful answer wins, the loser is cancelled (its connection
-dropped, its permit back), and hedges stay within their budget. The sync transport never hedges."""
+dropped, its permit back), and hedges stay within their budget. The sync transport's hedging is in
+test_hedging_sync.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import httpx2
 import openai
 import pytest
-from conftest import GATE_TIMEOUT, AsyncFakeSleep, FakeSleep, Reply, ScriptedServer, chat_completion, server_error
+from conftest import GATE_TIMEOUT, AsyncFakeSleep, Reply, ScriptedServer, chat_completion, server_error
 from openai.types.chat import ChatCompletionMessageParam
 
 import tower_aoai
@@ -127,21 +128,3 @@ async def test_hedging_off_never_hedges(east: ScriptedServer, west: ScriptedServ
         east.play(slow("late from east", delay=0.2))
         assert await chat(client) == "late from east"
     assert len(west.hits) == 0
-
-
-def test_the_sync_transport_does_not_hedge(east: ScriptedServer, west: ScriptedServer, sleep: FakeSleep) -> None:
-    transport = tower_aoai.Transport(backends=tiered(east, west), sleep=sleep, hedge_min_samples=5, hedge_budget=1.0)
-    client = openai.AzureOpenAI(
-        azure_endpoint="https://sdk.example",
-        api_key="sdk-key",
-        api_version="2024-10-21",
-        http_client=httpx2.Client(transport=transport),
-    )
-    with client:
-        for _ in range(5):
-            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        east.play(slow("late from east", delay=0.2))
-        completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    assert completion.choices[0].message.content == "late from east"
-    assert len(west.hits) == 0
-

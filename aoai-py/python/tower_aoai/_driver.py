@@ -9,13 +9,16 @@ start of error bodies, never a success body.
 
 A success's body is handed up wrapped so that it keeps the attempt's concurrency permit (a
 ``Lease``) until it is read to its end, breaks off, is closed or is garbage-collected, as the Rust
-limit layer's body does: a streaming call holds its slot while it streams. The async loop also
-hedges a slow attempt with a second one to another backend when the engine says so.
+limit layer's body does: a streaming call holds its slot while it streams. Both loops also
+hedge a slow attempt with a second one to another backend when the engine says so (the sync loop
+runs a call that may hedge on threads of its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import functools
 import logging
 import threading
@@ -252,6 +255,10 @@ _NEEDS_BODY = frozenset(status for status in range(100, 1000) if Call.needs_body
 _URL_CACHE_SIZE = 256
 
 
+#: How long ``Transport.close`` waits for attempts that lost a race and still run (each is
+#: bounded by the inner transport's own timeouts too), in seconds.
+CLOSE_GRACE = 10.0
+
 #: The auth headers a rewritten request loses before its backend's own is set (lower-case).
 _REMOVED = frozenset(REWRITE_REMOVES)
 
@@ -358,6 +365,42 @@ def _log_wait(request: Any, kind: str, seconds: float) -> None:
 _Sent = tuple[Any, "BaseException | None", Any]
 
 
+def _hedging(engine: Engine) -> bool:
+    """Whether calls may be hedged at all: several backends, hedging on."""
+    return not engine.passthrough and len(engine.backends) > 1 and engine.hedge_quantile is not None
+
+
+def _winner(results: list[tuple[Attempt, Any, BaseException | None, Any]]) -> Any:
+    """Of the attempts of a hedged call that answered, the one whose answer ends the call: a
+    success first, then an answer retrying cannot help; else (every answer would retry) the
+    last one. ``None`` while the call waits for another attempt."""
+    final = [r for r in results if r[3][0] != "retry"]
+    final.sort(key=lambda r: r[3][0] != "return")
+    return final[0] if final else None
+
+
+def _in_thread(fn: Callable[..., _Sent], *args: Any) -> concurrent.futures.Future[_Sent]:
+    """Runs ``fn(*args)`` on a thread of its own, in a copy of the caller's context (contextvars:
+    tracing spans, request ids), and returns its future. A daemon thread, not a pool's: an
+    attempt that lost a race runs on until its answer (bounded by the inner transport's
+    timeouts), and must never hold up a new call's attempt, nor the interpreter's exit."""
+    future: concurrent.futures.Future[_Sent] = concurrent.futures.Future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = context.run(fn, *args)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    threading.Thread(target=run, name="tower_aoai-attempt", daemon=True).start()
+    return future
+
+
 class _Base:
     _http: ClassVar[ModuleType]
     _engine: Engine
@@ -391,12 +434,21 @@ class _Base:
 
 
 class SyncDriver(_Base):
-    """The synchronous call loop (``handle_request``)."""
+    """The synchronous call loop (``handle_request``), with hedging: a call the engine gives a
+    hedge delay runs its attempt on a thread of its own; if it is still running after the delay,
+    a second attempt goes to another backend (if the hedge budget allows) on another thread, and
+    the first successful answer wins. The loser is cancelled in the engine at once (its permit
+    back, the router told); a blocking request cannot be interrupted, so it runs on in its thread
+    until its answer, which is closed unread (``close`` waits for it)."""
 
     _sleep: Callable[[float], None]
     _ended: threading.Condition
     #: Calls waiting on `_ended` now.
     _queued: int
+    #: Whether calls may be hedged at all (several backends, hedging on).
+    _hedges: bool
+    #: Attempts that lost a race and still run on their threads.
+    _losers: set[concurrent.futures.Future[_Sent]]
 
     def _setup(
         self,
@@ -415,6 +467,8 @@ class SyncDriver(_Base):
         self._ends = 0
         self._queued = 0
         self._urls = {}
+        self._hedges = _hedging(self._engine)
+        self._losers = set()
 
     def handle_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
@@ -425,14 +479,18 @@ class SyncDriver(_Base):
             step, value = call.next()
             if step == "send":
                 assert isinstance(value, Attempt)
-                try:
-                    response, error, after = self._attempt(request, call, value)
-                except BaseException:
-                    value.cancel()  # its permit goes back (an outcome, once fed, took it)
-                    raise
-                finally:
-                    self._attempt_ended()
-                _log_attempt(request, call, value, response, after)
+                delay = call.hedge_delay(value) if self._hedges else None
+                if delay is None:
+                    try:
+                        response, error, after = self._attempt(request, call, value)
+                    except BaseException:
+                        value.cancel()  # its permit goes back (an outcome, once fed, took it)
+                        raise
+                    finally:
+                        self._attempt_ended()
+                    _log_attempt(request, call, value, response, after)
+                else:
+                    response, error, after = self._race(request, call, value, delay)
                 action = after[0]
                 if action == "retry":
                     if response is not None:
@@ -461,6 +519,78 @@ class SyncDriver(_Base):
                 assert isinstance(value, Failure)
                 logger.info("%s: %s", _where(request), value.message)
                 raise _failure_error(value)
+
+    def _race(self, request: Any, call: Call, primary: Attempt, delay: float) -> _Sent:
+        """Runs `primary` on a thread, hedged after `delay` s if it is still running and the
+        engine allows a hedge; returns the winner's (response, error, decision), as the async
+        `_race` does. The loser is cancelled in the engine at once (its permit back); its blocking
+        request cannot be interrupted, so it runs on in its thread and its answer is closed when
+        it comes (`_discard`)."""
+        first = _in_thread(self._attempt, request, call, primary)
+        attempts: dict[concurrent.futures.Future[_Sent], Attempt] = {first: primary}
+        consumed: set[concurrent.futures.Future[_Sent]] = set()
+        try:
+            early, _ = concurrent.futures.wait({first}, timeout=delay)
+            if not early:
+                hedge = call.hedge(primary)
+                if hedge is not None:
+                    if logger.isEnabledFor(logging.DEBUG):
+                        logger.debug(
+                            "%s: backend %s slower than %.3f s; hedging to backend %s",
+                            _where(request),
+                            primary.backend,
+                            delay,
+                            hedge.backend,
+                        )
+                    attempts[_in_thread(self._attempt, request, call, hedge)] = hedge
+            pending = set(attempts)
+            results: list[tuple[Attempt, Any, BaseException | None, Any]] = []
+            winner = None
+            while pending and winner is None:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    consumed.add(future)
+                    response, error, after = future.result()
+                    results.append((attempts[future], response, error, after))
+                    _log_attempt(request, call, attempts[future], response, after)
+                # A success (or an answer retrying cannot help) ends the call at once; a failure
+                # waits for the other attempt.
+                winner = _winner(results)
+            winner = winner or results[-1]
+            for result in results:
+                if result is not winner and result[1] is not None:
+                    result[1].close()  # a losing success gives its permit back here
+            return winner[1], winner[2], winner[3]
+        finally:
+            # The loser (or both, when the caller is interrupted) is cancelled in the engine now:
+            # its permit goes back and the router counts it cancelled, as in the async race. Its
+            # request runs on in its thread (a blocking read cannot be interrupted); when it ends,
+            # its answer is closed unread (`_discard`).
+            for future, attempt in attempts.items():
+                if attempt.open and logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("%s: cancelled the attempt to backend %s", _where(request), attempt.backend)
+                attempt.cancel()  # a no-op once the attempt has its outcome
+                if future not in consumed:
+                    with self._ended:
+                        self._losers.add(future)
+                    future.add_done_callback(self._discard)
+            self._attempt_ended()
+
+    def _discard(self, future: concurrent.futures.Future[_Sent]) -> None:
+        """The end of an attempt that lost a race and ran on: its answer, if it got one before it
+        was cancelled, is closed (a success's permit goes back with it). Cancelled first, it
+        raised when it came to feed the engine, and closed its answer itself."""
+        try:
+            if not future.cancelled() and future.exception() is None:
+                response = future.result()[0]
+                if response is not None:
+                    response.close()
+        except Exception:  # a broken connection's close: nothing is left to give back
+            logger.debug("closing the answer of a cancelled attempt failed", exc_info=True)
+        finally:
+            with self._ended:
+                self._losers.discard(future)
+            self._attempt_ended()
 
     def _attempt(self, request: Any, call: Call, attempt: Attempt) -> tuple[Any, BaseException | None, Any]:
         """Sends one attempt; returns (response or None, transport error or None, decision)."""
@@ -526,7 +656,12 @@ class SyncDriver(_Base):
         return prefix
 
     def close(self) -> None:
-        """Closes the inner transport."""
+        """Closes the inner transport, after the attempts that lost a race ended (their answers
+        closed, their permits back), waiting for them at most :data:`CLOSE_GRACE` seconds."""
+        with self._ended:
+            losers = list(self._losers)
+        if losers:
+            concurrent.futures.wait(losers, timeout=CLOSE_GRACE)
         self._inner.close()
 
 
@@ -557,8 +692,7 @@ class AsyncDriver(_Base):
         self._waiters = []
         self._ends = 0
         self._urls = {}
-        e = self._engine
-        self._hedges = not e.passthrough and len(e.backends) > 1 and e.hedge_quantile is not None
+        self._hedges = _hedging(self._engine)
 
     async def handle_async_request(self, request: Any) -> Any:
         """Sends ``request`` as the engine decides; returns the final response."""
@@ -649,8 +783,8 @@ class AsyncDriver(_Base):
                     attempts[asyncio.ensure_future(self._attempt(request, call, hedge))] = hedge
             pending = set(attempts)
             results: list[tuple[Attempt, Any, BaseException | None, Any]] = []
-            final: list[tuple[Attempt, Any, BaseException | None, Any]] = []
-            while pending:
+            winner = None
+            while pending and winner is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     consumed.add(task)
@@ -659,11 +793,8 @@ class AsyncDriver(_Base):
                     _log_attempt(request, call, attempts[task], response, after)
                 # A success (or an answer retrying cannot help) ends the call at once; a failure
                 # waits for the other attempt.
-                final = [r for r in results if r[3][0] != "retry"]
-                if final:
-                    break
-            final.sort(key=lambda r: r[3][0] != "return")
-            winner = final[0] if final else results[-1]
+                winner = _winner(results)
+            winner = winner or results[-1]
             for result in results:
                 if result is not winner and result[1] is not None:
                     await result[1].aclose()  # a losing success gives its permit back here

@@ -34,8 +34,14 @@ class Transport(SyncDriver, httpx2.BaseTransport):
     SDK above it does not retry again; when no backend can serve it raises a
     :class:`tower_aoai.TowerAoaiError`. Success bodies are never read: streams pass through, and a
     success keeps its concurrency permit until its body is read to the end, closed or collected
-    (a streaming call holds its slot while it streams). This synchronous transport does not hedge
-    (a second attempt would need a thread per call); :class:`AsyncTransport` does.
+    (a streaming call holds its slot while it streams).
+
+    With several backends it hedges a slow attempt as :class:`AsyncTransport` does
+    (``hedge_quantile``, ``hedge_min_samples``, ``hedge_budget``). A call that may hedge runs its
+    attempts on threads of their own (in a copy of the caller's context); a losing attempt is
+    cancelled in the engine at once, but its blocking request runs on until its answer comes,
+    which is then closed unread. ``close()`` waits for such attempts (at most 10 s) before closing
+    the inner transport.
     """
 
     _http: ClassVar[ModuleType] = httpx2
