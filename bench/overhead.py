@@ -12,7 +12,7 @@ callers on one event loop (µs per request is 1/throughput).
 It also runs the Rust side (``aoai-bench overhead``) unless ``--no-rust``, and writes both to
 ``bench/results/overhead.json``.
 
-    .venv/bin/python bench/overhead.py [--requests 200] [--rounds 31] [--concurrency 16]
+    .venv/bin/python bench/overhead.py [--requests 200] [--rounds 101] [--concurrency 16]
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def interleave(names: list[str], run: Callable[[int], Sample], rounds: int) -> l
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200, help="requests per variant per round")
-    ap.add_argument("--rounds", type=int, default=31, help="interleaved rounds (the median counts)")
+    ap.add_argument("--rounds", type=int, default=101, help="interleaved rounds (the median counts)")
     ap.add_argument("--concurrency", type=int, default=16, help="async callers")
     ap.add_argument("--no-rust", action="store_true", help="skip `aoai-bench overhead`")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")

@@ -74,7 +74,7 @@ enum Command {
         requests: usize,
         /// Interleaved rounds, in a rotating order (the medians count; the overhead is paired
         /// per round with the bare client).
-        #[arg(long, default_value_t = 21)]
+        #[arg(long, default_value_t = 101)]
         rounds: usize,
         /// Concurrent callers (several values run one after the other).
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
