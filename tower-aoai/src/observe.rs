@@ -133,6 +133,16 @@ pub(crate) mod tests {
                 .with_ansi(false)
                 .finish()
         }
+
+        /// Makes [`subscriber`](Self::subscriber) this thread's default until the guard drops.
+        /// Tests run in parallel, and a callsite first hit on another thread while this
+        /// subscriber was being set up can keep a cached "nobody listens" (tracing caches each
+        /// callsite's interest); rebuilding the cache once ours is in place removes that race.
+        pub(crate) fn set_default(&self, filter: &str) -> tracing::subscriber::DefaultGuard {
+            let guard = tracing::subscriber::set_default(self.subscriber(filter));
+            tracing::callsite::rebuild_interest_cache();
+            guard
+        }
     }
 
     impl Write for Captured {
@@ -166,8 +176,10 @@ pub(crate) mod tests {
         headers.insert(headers::APIM_REQUEST_ID, HeaderValue::from_static("req-42"));
         let stats = StatsHandle::new();
         let out = Captured::default();
-        let subscriber = out.subscriber("tower_aoai::attempt=debug");
-        tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
+        {
+            let _listening = out.set_default("tower_aoai::attempt=debug");
+            record(&stats, &headers);
+        }
         let text = out.text();
         assert!(text.contains("region=\"eastus2\""), "{text}");
         assert!(text.contains("apim_request_id=\"req-42\""), "{text}");
@@ -175,8 +187,10 @@ pub(crate) mod tests {
 
         // Nobody listening: nothing written, and the attempt is still counted.
         let quiet = Captured::default();
-        let subscriber = quiet.subscriber("tower_aoai::attempt=info");
-        tracing::subscriber::with_default(subscriber, || record(&stats, &headers));
+        {
+            let _listening = quiet.set_default("tower_aoai::attempt=info");
+            record(&stats, &headers);
+        }
         assert!(quiet.text().is_empty());
         assert_eq!(
             stats.snapshot().backend("east").map(|b| b.requests),

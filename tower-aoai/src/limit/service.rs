@@ -157,30 +157,40 @@ impl LimiterHandle {
 pub(super) struct State {
     limit: AdaptiveLimit,
     pacer: Pacer,
-    /// Tickets of the calls waiting for a permit, first come first served.
-    queue: VecDeque<u64>,
+    /// The calls waiting for a permit, first come first served: each one's ticket and what wakes
+    /// it.
+    queue: VecDeque<(u64, Arc<Notify>)>,
     next_ticket: u64,
+}
+
+impl State {
+    /// What wakes the first call in the queue, if any. Only the first may take a permit, so a
+    /// returned permit wakes it alone (with thousands queued, waking all of them on every return
+    /// would cost each a turn of the lock per permit). Its `notify_one` is kept if it is not
+    /// waiting yet, so no wake is lost between its look for a permit and its wait.
+    fn front(&self) -> Option<Arc<Notify>> {
+        self.queue.front().map(|(_, wake)| wake.clone())
+    }
 }
 
 pub(super) struct Shared {
     state: Mutex<State>,
-    /// Woken whenever a permit may have become available.
-    released: Notify,
     settings: Settings,
+    /// Times a queued call was woken (what the tests count).
+    #[cfg(test)]
+    pub(super) wakeups: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// Wakes the queue after a permit came back, if anyone was in it when it did (`waiting`,
-    /// read under the same lock). A call joins the queue under that lock and looks for a permit
-    /// again after it registers to be woken, so a release that saw an empty queue misses nobody.
-    fn wake_queue(&self, waiting: bool) {
-        if waiting {
-            self.released.notify_waiters();
-        }
+/// Wakes the call that was first in the queue when a permit came back (read under that lock).
+fn wake(front: Option<Arc<Notify>>) {
+    if let Some(front) = front {
+        front.notify_one();
     }
 }
 
@@ -188,7 +198,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct AdaptiveConcurrency<S> {
     inner: S,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for AdaptiveConcurrency<S> {
@@ -217,8 +227,9 @@ impl<S> AdaptiveConcurrency<S> {
             inner,
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                released: Notify::new(),
                 settings,
+                #[cfg(test)]
+                wakeups: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -404,7 +415,7 @@ async fn acquire(
     limit_at: Instant,
     reason_at_limit: OverloadReason,
 ) -> Result<PermitGuard, Overloaded> {
-    let ticket = {
+    let (ticket, mine) = {
         let mut state = shared.lock();
         if state.queue.is_empty()
             && let Some(permit) = state.limit.try_acquire(now(), tokens)
@@ -418,8 +429,9 @@ async fn acquire(
         }
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.queue.push_back(ticket);
-        ticket
+        let mine = Arc::new(Notify::new());
+        state.queue.push_back((ticket, mine.clone()));
+        (ticket, mine)
     };
     let mut place = QueuePlace {
         shared: shared.clone(),
@@ -428,26 +440,25 @@ async fn acquire(
     };
     let mut expired = pin!(tokio::time::sleep_until(limit_at.into()));
     loop {
-        let mut released = pin!(shared.released.notified());
-        released.as_mut().enable();
         {
             let mut state = shared.lock();
-            if state.queue.front() == Some(&ticket)
+            if state.queue.front().is_some_and(|(t, _)| *t == ticket)
                 && let Some(permit) = state.limit.try_acquire(now(), tokens)
             {
                 state.queue.pop_front();
                 place.left = true;
-                let more = !state.queue.is_empty() && state.limit.available(now()) > 0;
+                // There is room for the next in line too: it looks now, not at the next return.
+                let more = state.limit.available(now()) > 0;
+                let next = more.then(|| state.front()).flatten();
                 drop(state);
-                if more {
-                    // There is room for the next in line too.
-                    shared.released.notify_waiters();
-                }
+                wake(next);
                 return Ok(PermitGuard::new(shared.clone(), permit));
             }
         }
+        // A wake sent since the look above is kept by `notify_one`: this returns at once then.
+        let mut woken = pin!(mine.notified());
         let woke = poll_fn(|cx| {
-            if released.as_mut().poll(cx).is_ready() {
+            if woken.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(true);
             }
             expired.as_mut().poll(cx).map(|()| false)
@@ -458,6 +469,10 @@ async fn acquire(
                 reason: reason_at_limit,
             });
         }
+        #[cfg(test)]
+        shared
+            .wakeups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -496,12 +511,13 @@ impl Drop for QueuePlace {
             return;
         }
         let mut state = self.shared.lock();
-        let was_front = state.queue.front() == Some(&self.ticket);
-        state.queue.retain(|&t| t != self.ticket);
+        let was_front = state.queue.front().is_some_and(|(t, _)| *t == self.ticket);
+        state.queue.retain(|(t, _)| *t != self.ticket);
+        // The first in line leaving may have been woken for a permit it will not take: the next
+        // one looks instead.
+        let next = was_front.then(|| state.front()).flatten();
         drop(state);
-        if was_front {
-            self.shared.released.notify_waiters();
-        }
+        wake(next);
     }
 }
 
@@ -542,17 +558,17 @@ impl PermitGuard {
     /// Gives the permit back with the attempt's outcome.
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(permit) = self.permit.take() {
-            let (adjustment, waiting) = {
+            let (adjustment, front) = {
                 let mut state = self.shared.lock();
                 let adjustment = state.limit.on_outcome(permit, outcome, now());
-                (adjustment, !state.queue.is_empty())
+                (adjustment, state.front())
             };
             tracing::trace!(
                 ?adjustment,
                 outcome = outcome.as_str(),
                 "tower_aoai: limiter"
             );
-            self.shared.wake_queue(waiting);
+            wake(front);
         }
     }
 }
@@ -560,12 +576,12 @@ impl PermitGuard {
 impl Drop for PermitGuard {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            let waiting = {
+            let front = {
                 let mut state = self.shared.lock();
                 state.limit.on_cancel(permit, now());
-                !state.queue.is_empty()
+                state.front()
             };
-            self.shared.wake_queue(waiting);
+            wake(front);
         }
     }
 }

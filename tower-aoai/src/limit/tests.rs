@@ -187,6 +187,44 @@ async fn permits_are_released_on_cancellation_at_any_point() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_returned_permit_wakes_the_first_in_line_only() {
+    // 60 calls on one permit: 59 queue. Waking every queued call on every return would be
+    // 59 + 58 + ... = 1,770 wake-ups; the first in line alone is 59, and each call starts the
+    // moment the one before it ends, in the order they came.
+    let slow = tower::service_fn(|_: Req| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+    });
+    let svc = AdaptiveConcurrencyLayer::new(fixed(1), PacingConfig::default())
+        .unwrap()
+        .with_queue(100, Duration::from_secs(600))
+        .unwrap()
+        .layer(slow);
+    let t0 = Instant::now();
+    let calls: Vec<_> = (0..60)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let res = svc.oneshot(request(b"{}")).await.unwrap();
+                res.into_body().collect().await.unwrap();
+                Instant::now() - t0
+            })
+        })
+        .collect();
+    let mut took = Vec::new();
+    for call in calls {
+        took.push(call.await.unwrap());
+    }
+    let expected: Vec<Duration> = (1..=60).map(|k| Duration::from_millis(100 * k)).collect();
+    assert_eq!(took, expected, "first come, first served, without a gap");
+    let wakeups = svc
+        .shared
+        .wakeups
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((59..=62).contains(&wakeups), "{wakeups} wake-ups");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_queue_is_overloaded_at_once() {
     let (mut svc, mut handle) = service(fixed(1), PacingConfig::new(), 1, Duration::from_secs(60));
     let _a = call(&mut svc, request(b"{}")).await;

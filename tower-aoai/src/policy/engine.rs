@@ -404,6 +404,17 @@ impl Engine {
         self.queued.iter().any(|&n| n > 0)
     }
 
+    /// Whether a backend that calls queue on has a free permit at `now`: a driver whose woken
+    /// call just took a permit wakes the next queued call only then, so that a returned permit
+    /// wakes one queued call, not all of them (a wake that finds no room would send that call
+    /// to the back of the line).
+    pub fn queued_have_room(&self, now: Instant) -> bool {
+        self.queued
+            .iter()
+            .zip(&self.limits)
+            .any(|(&n, limit)| n > 0 && limit.available(now) > 0)
+    }
+
     /// The support record of the latest 403 block of backend `id`'s resource, if it had one.
     pub fn block_record(&self, id: BackendId) -> Option<Arc<SupportRecord>> {
         self.router.block_record(id)

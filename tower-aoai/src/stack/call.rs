@@ -60,10 +60,14 @@ impl std::error::Error for DeadlineExceeded {}
 /// What every call of a stack (and every clone of it) shares.
 pub(crate) struct Shared {
     engine: Mutex<Engine>,
-    /// Woken when a permit goes back while calls queue for one.
+    /// The queued calls, in the order they queued: a permit that goes back wakes the first
+    /// (`notify_one`; a call woken but dropped before it looked passes the wake on).
     ended: Notify,
     /// The engine's estimator, used before its lock is taken.
     estimator: TokenEstimator,
+    /// Times a returned permit woke a queued call (what the tests count).
+    #[cfg(test)]
+    pub(super) wakeups: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -72,6 +76,8 @@ impl Shared {
             estimator: *engine.token_estimator(),
             engine: Mutex::new(engine),
             ended: Notify::new(),
+            #[cfg(test)]
+            wakeups: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -79,12 +85,16 @@ impl Shared {
         self.engine.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Wakes the queued calls after a permit went back, if any was queued when it did (`queued`,
-    /// read under the same lock). A call joins the queue and registers to be woken under that
-    /// lock, so a permit that came back to an empty queue misses nobody.
+    /// Wakes the first queued call after a permit went back, if any was queued when it did
+    /// (`queued`, read under the same lock). A call joins the queue and registers to be woken
+    /// under that lock, so a permit that came back to an empty queue misses nobody. One call, not
+    /// all: with thousands queued, waking all on every return costs each of them a turn of the
+    /// lock per permit. The woken call passes the wake on when it took the permit and more room
+    /// is left, or when it fails (see `run`); the engine's recheck (at most a second) covers any
+    /// room that appears without a permit coming back.
     fn wake(&self, queued: bool) {
         if queued {
-            self.ended.notify_waiters();
+            self.ended.notify_one();
         }
     }
 
@@ -219,6 +229,8 @@ where
         };
         // The client is ready for the first attempt; it is made ready again after each call.
         let mut ready = true;
+        // Whether a returned permit just woke this call from the queue.
+        let mut woken = false;
         loop {
             if !ready {
                 svc.ready().await.map_err(Into::into)?;
@@ -229,10 +241,19 @@ where
             // (under glibc's small-allocation cache) for the common call that sends at once.
             let decided = {
                 // Decided under one lock: the attempt and its rewritten request, or a pause.
-                let chosen = {
+                let (chosen, pass_on) = {
                     let mut engine = shared.lock();
                     let at = now();
-                    match engine.next(&mut call.call, at) {
+                    let next = engine.next(&mut call.call, at);
+                    // A woken call passes the wake on to the next in line when it took its
+                    // permit and room is left, or when it fails: a wake is never lost on it.
+                    let pass_on = std::mem::take(&mut woken)
+                        && match next {
+                            Next::Send(_) => engine.queued_have_room(at),
+                            Next::Fail(_) => true,
+                            Next::Wait(_) | Next::Queue(_) => false,
+                        };
+                    let chosen = match next {
                         Next::Send(ticket) => {
                             let id = ticket.backend();
                             match rewrite_request(engine.backends(), id, &parts, &body) {
@@ -258,8 +279,12 @@ where
                             Err(Pause::Queue(d, ended))
                         }
                         Next::Fail(failure) => Err(Pause::Fail(failure)),
-                    }
+                    };
+                    (chosen, pass_on)
                 };
+                if pass_on {
+                    shared.ended.notify_one();
+                }
                 chosen.map(|(ticket, req, hedge)| {
                     let backend = ticket.backend();
                     let attempt = Sending {
@@ -273,7 +298,13 @@ where
             let (attempt, backend, hedge, sending) = match decided {
                 Ok(send) => send,
                 Err(pause) => {
-                    pause_for(pause, call.call.attempts()).await?;
+                    woken = pause_for(pause, call.call.attempts()).await?;
+                    #[cfg(test)]
+                    if woken {
+                        shared
+                            .wakeups
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     continue;
                 }
             };
@@ -325,7 +356,8 @@ where
 }
 
 /// Waits out a pause the engine asked for (boxed: a wait is the exception), or fails the call.
-async fn pause_for(pause: Pause<'_>, attempts: u32) -> Result<(), BoxError> {
+/// `Ok(true)` when a returned permit woke the call from the queue.
+async fn pause_for(pause: Pause<'_>, attempts: u32) -> Result<bool, BoxError> {
     match pause {
         Pause::Wait(d) => {
             tracing::debug!(
@@ -333,7 +365,7 @@ async fn pause_for(pause: Pause<'_>, attempts: u32) -> Result<(), BoxError> {
                 "tower_aoai: waiting for a backend"
             );
             Box::pin(tokio::time::sleep(d)).await;
-            Ok(())
+            Ok(false)
         }
         Pause::Queue(d, ended) => {
             tracing::debug!(
@@ -341,8 +373,7 @@ async fn pause_for(pause: Pause<'_>, attempts: u32) -> Result<(), BoxError> {
                 "tower_aoai: queueing for a permit"
             );
             // Woken by a permit coming back, or after `d` to ask again.
-            let _ = Box::pin(tokio::time::timeout(d, ended)).await;
-            Ok(())
+            Ok(Box::pin(tokio::time::timeout(d, ended)).await.is_ok())
         }
         Pause::Fail(failure) => {
             tracing::info!(attempts, "tower_aoai: {failure}");

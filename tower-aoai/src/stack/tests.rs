@@ -326,6 +326,80 @@ async fn a_full_backend_queues_and_a_returned_permit_wakes_the_next_call() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_returned_permit_wakes_one_queued_call_not_all_of_them() {
+    // 60 calls on one permit: 59 queue. Waking every queued call on every return would be
+    // 59 + 58 + ... = 1,770 wake-ups; one per return is 59, and each call starts the moment
+    // the one before it ends (no call waits for the engine's recheck).
+    let stack = one_limited_backend(1, Duration::from_secs(600), slow_ok(100));
+    let t0 = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..60)
+        .map(|_| {
+            let svc = stack.clone();
+            tokio::spawn(async move {
+                let res = svc.oneshot(req()).await.unwrap();
+                res.into_body().collect().await.unwrap();
+                tokio::time::Instant::now() - t0
+            })
+        })
+        .collect();
+    let mut took = Vec::new();
+    for call in calls {
+        took.push(call.await.unwrap());
+    }
+    took.sort();
+    let expected: Vec<Duration> = (1..=60).map(|k| Duration::from_millis(100 * k)).collect();
+    assert_eq!(took, expected);
+    let wakeups = stack
+        .shared
+        .wakeups
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((59..=62).contains(&wakeups), "{wakeups} wake-ups");
+    assert_eq!(gauges(&stack, "a").queue_depth, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_woken_call_that_fails_passes_the_wake_on() {
+    // The call holding the only permit is answered 403 after 100 ms: the resource is blocked.
+    // The permit it gives back wakes the first queued call, which fails (blocked) without
+    // sending; it must pass the wake on, so the second fails at once too, not at the engine's
+    // recheck a second later.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let client = service_fn(move |_: Request<Full<Bytes>>| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(403)
+                    .body(Full::new(Bytes::from_static(BLOCKED.as_bytes())))
+                    .unwrap(),
+            )
+        }
+    });
+    let stack = one_limited_backend(1, Duration::from_secs(600), client);
+    let t0 = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let svc = stack.clone();
+            tokio::spawn(async move {
+                let err = svc.oneshot(req()).await.unwrap_err();
+                assert!(err.downcast_ref::<BlockedError>().is_some(), "{err}");
+                tokio::time::Instant::now() - t0
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), Duration::from_millis(100));
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "a blocked resource gets nothing more"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_call_that_waits_past_the_queue_timeout_is_overloaded() {
     let stack = one_limited_backend(1, Duration::from_secs(2), slow_ok(10_000));
     let busy = tokio::spawn(stack.clone().oneshot(req()));
@@ -463,8 +537,7 @@ fn debug_names_backends_and_never_a_key() {
 #[tokio::test(start_paused = true)]
 async fn every_attempt_is_a_tracing_event_without_secrets() {
     let out = crate::observe::tests::Captured::default();
-    let _quiet_elsewhere =
-        tracing::subscriber::set_default(out.subscriber("tower_aoai::attempt=debug"));
+    let _quiet_elsewhere = out.set_default("tower_aoai::attempt=debug");
     let stack = Stack::builder()
         .backend(
             Backend::new("ptu", "https://ptu.example")
