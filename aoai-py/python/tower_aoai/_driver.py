@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -442,9 +443,10 @@ class SyncDriver(_Base):
     until its answer, which is closed unread (``close`` waits for it)."""
 
     _sleep: Callable[[float], None]
-    _ended: threading.Condition
-    #: Calls waiting on `_ended` now.
-    _queued: int
+    #: Guards `_waiters` and a queueing call's look at `_ends`.
+    _ended: threading.Lock
+    #: The queued calls, first in line first: a returned permit wakes the first alone.
+    _waiters: deque[threading.Event]
     #: Whether calls may be hedged at all (several backends, hedging on).
     _hedges: bool
     #: Attempts that lost a race and still run on their threads.
@@ -463,9 +465,9 @@ class SyncDriver(_Base):
         self._leased = _leased_stream_class(self._http)
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
-        self._ended = threading.Condition()
+        self._ended = threading.Lock()
         self._ends = 0
-        self._queued = 0
+        self._waiters = deque()
         self._urls = {}
         self._hedges = _hedging(self._engine)
         self._losers = set()
@@ -474,9 +476,16 @@ class SyncDriver(_Base):
         """Sends ``request`` as the engine decides; returns the final response."""
         request.read()  # replayable from here on
         call = self._engine.start(request.content)
+        # Whether a returned permit just woke this call from the queue: it then passes the wake
+        # on when it sends (room may be left for the next in line) or fails, so none is lost.
+        woken = False
         while True:
             seen = self._ends
             step, value = call.next()
+            if woken and step != "queue":
+                woken = False
+                if step != "wait":
+                    self._wake_one()
             if step == "send":
                 assert isinstance(value, Attempt)
                 delay = call.hedge_delay(value) if self._hedges else None
@@ -505,13 +514,7 @@ class SyncDriver(_Base):
                 assert isinstance(value, float)
                 _log_wait(request, "queueing for a permit up to", value)
                 try:
-                    with self._ended:
-                        self._queued += 1
-                        try:
-                            if self._ends == seen:
-                                self._ended.wait(value)
-                        finally:
-                            self._queued -= 1
+                    woken = self._queue(value, seen, front=woken)
                 except BaseException:
                     call.forget()  # it leaves the queue (queue_depth) now, not when collected
                     raise
@@ -622,13 +625,47 @@ class SyncDriver(_Base):
                 response.close()
             raise
 
+    def _queue(self, timeout: float, seen: int, front: bool) -> bool:
+        """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
+        A call woken that must queue again goes back to the front (`front`), keeping its place.
+        An attempt that ended since the call looked (`seen`) means no wait: it looks again."""
+        waiter = threading.Event()
+        with self._ended:
+            if self._ends != seen:
+                return False
+            if front:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+        try:
+            if waiter.wait(timeout):
+                return True
+        except BaseException:
+            with self._ended:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if waiter.is_set():
+                self._wake_one()  # woken, then interrupted: the next in line gets the wake
+            raise
+        with self._ended:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return waiter.is_set()  # a wake that came with the timeout still counts
+
+    def _wake_one(self) -> None:
+        """Wakes the first call in line, if any."""
+        with self._ended:
+            if self._waiters:
+                self._waiters.popleft().set()
+
     def _attempt_ended(self) -> None:
         self._ends += 1
-        # A queued call counts itself before it compares `_ends`: either it sees the new count,
-        # or this sees it and wakes it. No lock when nobody queues (the fast path).
-        if self._queued:
-            with self._ended:
-                self._ended.notify_all()
+        # A queued call registers under `_ended` after it compares `_ends`: either it sees the
+        # new count, or this sees it in line and wakes it. One call, not all: with thousands
+        # queued, waking all on every return costs each a look at the engine per permit. No
+        # lock when nobody queues (the fast path).
+        if self._waiters:
+            self._wake_one()
 
     def _read_prefix(self, response: Any, call: Call) -> bytes:
         # A blocking read cannot be interrupted: the bound is checked between chunks, and a single
@@ -672,7 +709,8 @@ class AsyncDriver(_Base):
     attempt is cancelled (its request task cancelled, its connection closed, its permit back)."""
 
     _sleep: Callable[[float], Awaitable[None]]
-    _waiters: list[asyncio.Future[None]]
+    #: The queued calls, first in line first: a returned permit wakes the first alone.
+    _waiters: deque[asyncio.Future[None]]
     #: Whether calls may be hedged at all (several backends, hedging on).
     _hedges: bool
 
@@ -689,7 +727,7 @@ class AsyncDriver(_Base):
         self._leased = _leased_stream_class(self._http)
         self._inner = transport if transport is not None else self._http.AsyncHTTPTransport()
         self._sleep = asyncio.sleep if sleep is None else sleep
-        self._waiters = []
+        self._waiters = deque()
         self._ends = 0
         self._urls = {}
         self._hedges = _hedging(self._engine)
@@ -698,9 +736,15 @@ class AsyncDriver(_Base):
         """Sends ``request`` as the engine decides; returns the final response."""
         await request.aread()  # replayable from here on
         call = self._engine.start(request.content)
+        # Whether a returned permit just woke this call from the queue (see the sync loop).
+        woken = False
         while True:
             seen = self._ends
             step, value = call.next()
+            if woken and step != "queue":
+                woken = False
+                if step != "wait":
+                    self._wake_one()
             if step == "send":
                 assert isinstance(value, Attempt)
                 delay = call.hedge_delay(value) if self._hedges else None
@@ -730,7 +774,7 @@ class AsyncDriver(_Base):
                 _log_wait(request, "queueing for a permit up to", value)
                 if self._ends == seen:
                     try:
-                        await self._queue(value)
+                        woken = await self._queue(value, front=woken)
                     except BaseException:
                         call.forget()  # it leaves the queue (queue_depth) now, not when collected
                         raise
@@ -739,25 +783,48 @@ class AsyncDriver(_Base):
                 logger.info("%s: %s", _where(request), value.message)
                 raise _failure_error(value)
 
-    async def _queue(self, timeout: float) -> None:
+    async def _queue(self, timeout: float, front: bool) -> bool:
+        """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
+        A call woken that must queue again goes back to the front (`front`), keeping its place."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if front:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             await asyncio.wait_for(waiter, timeout)
+            return True  # `_wake_one` took it out of the line
         except asyncio.TimeoutError:
-            pass
-        finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            return False
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, then cancelled: the next in line gets the wake
+            raise
+
+    def _wake_one(self) -> None:
+        """Wakes the first call in line that still waits, if any (on its own loop)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(self._wake, waiter)
+                return
+
+    def _wake(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            self._wake_one()  # it stopped waiting (timed out, cancelled) meanwhile: the next one
+        else:
+            waiter.set_result(None)
 
     def _attempt_ended(self) -> None:
         self._ends += 1
-        if not self._waiters:  # nobody queues (the fast path): no new list
-            return
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+        # One call, not all: with thousands queued, waking all on every return costs each a
+        # look at the engine per permit. Nothing to do when nobody queues (the fast path).
+        if self._waiters:
+            self._wake_one()
 
     async def _race(self, request: Any, call: Call, primary: Attempt, delay: float) -> _Sent:
         """Runs `primary`, hedged after `delay` s if it is still running and the engine allows a
@@ -880,7 +947,3 @@ class AsyncDriver(_Base):
         """Closes the inner transport."""
         await self._inner.aclose()
 
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

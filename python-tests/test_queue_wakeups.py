@@ -1,0 +1,126 @@
+"""Both transports' queues: a returned permit wakes the first queued call alone, not every queued
+call (which made a burst of N queued calls cost O(N^2) looks at the engine), and a woken call
+that cannot use the permit passes the wake on, so no queued call waits for the engine's recheck."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx2
+import pytest
+from conftest import AsyncFakeSleep, FakeSleep, ScriptedServer, blocked, chat_completion
+
+import tower_aoai
+
+pytestmark = pytest.mark.anyio
+
+URL = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+BODY = b'{"messages":[{"role":"user","content":"hi"}]}'
+#: One permit, a queue wait far longer than any test.
+ONE_PERMIT: dict[str, Any] = {"initial_concurrency": 1, "min_concurrency": 1, "max_concurrency": 1, "queue_timeout": 60.0}
+
+
+def count_queue_waits(transport: Any) -> list[bool]:
+    """Records what each of the transport's queue waits came to (woken, or the recheck's timeout)."""
+    results: list[bool] = []
+    wait: Callable[..., Any] = transport._queue
+    if asyncio.iscoroutinefunction(wait):
+
+        async def counted_async(*args: Any, **kwargs: Any) -> Any:
+            woken = await wait(*args, **kwargs)
+            results.append(woken)
+            return woken
+
+        transport._queue = counted_async
+    else:
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            woken = wait(*args, **kwargs)
+            results.append(woken)
+            return woken
+
+        transport._queue = counted
+    return results
+
+
+async def test_async_a_returned_permit_wakes_one_queued_call(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
+    transport = tower_aoai.AsyncTransport(sleep=async_sleep, **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    calls = 30
+    async with httpx2.AsyncClient(transport=transport, base_url=server.url) as client:
+
+        async def one() -> int:
+            response = await client.post(URL, content=BODY)
+            await response.aread()
+            return response.status_code
+
+        assert await asyncio.gather(*(one() for _ in range(calls))) == [200] * calls
+    # 29 calls queue once each, plus a look per returned permit or attempt end; waking every
+    # queued call on every return would be ~29 + 28 + ... = 435.
+    assert len(waits) <= 4 * calls, len(waits)
+    assert transport.stats()["backends"]["default"]["gauges"]["queue_depth"] == 0
+
+
+def test_sync_a_returned_permit_wakes_one_queued_call(server: ScriptedServer, sleep: FakeSleep) -> None:
+    transport = tower_aoai.Transport(sleep=sleep, **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    calls = 20
+    with httpx2.Client(transport=transport, base_url=server.url) as client:
+
+        def one(_: int) -> int:
+            response = client.post(URL, content=BODY)
+            response.read()
+            return response.status_code
+
+        with ThreadPoolExecutor(calls) as pool:
+            assert list(pool.map(one, range(calls))) == [200] * calls
+    assert len(waits) <= 4 * calls, len(waits)
+    assert transport.stats()["backends"]["default"]["gauges"]["queue_depth"] == 0
+
+
+async def test_async_a_woken_call_that_fails_passes_the_wake_on(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
+    # The only call with the permit gets a 403: the resource is blocked. The first queued call
+    # is woken and fails (blocked) without sending; it passes the wake on, so every queued call
+    # ends woken, none at the engine's recheck.
+    server.play(blocked())
+    backend = tower_aoai.Backend("only", server.url, deployment="gpt-4o", api_key="k")
+    transport = tower_aoai.AsyncTransport(backends=[backend], sleep=async_sleep, **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    async with httpx2.AsyncClient(transport=transport, base_url=server.url) as client:
+        results = await asyncio.gather(*(client.post(URL, content=BODY) for _ in range(5)), return_exceptions=True)
+    # The call that was answered gets the 403 itself; the queued ones the typed error.
+    assert sorted(type(r).__name__ for r in results) == ["BlockedError"] * 4 + ["Response"], results
+    assert len(server.hits) == 1
+    assert waits and all(waits), waits
+
+
+def test_sync_a_woken_call_that_fails_passes_the_wake_on(server: ScriptedServer, sleep: FakeSleep) -> None:
+    server.play(blocked())
+    backend = tower_aoai.Backend("only", server.url, deployment="gpt-4o", api_key="k")
+    transport = tower_aoai.Transport(backends=[backend], sleep=sleep, **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    started = threading.Barrier(5)
+    with httpx2.Client(transport=transport, base_url=server.url) as client:
+
+        def one(_: int) -> object:
+            started.wait()
+            try:
+                return client.post(URL, content=BODY)
+            except tower_aoai.BlockedError as error:
+                return error
+
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(one, range(5)))
+    # The call that was answered gets the 403 itself; the queued ones the typed error.
+    assert sorted(type(r).__name__ for r in results) == ["BlockedError"] * 4 + ["Response"], results
+    assert len(server.hits) == 1
+    assert all(waits), waits
+
+
+def test_chat_completion_is_the_default_reply(server: ScriptedServer) -> None:
+    # The fixture's reply these tests rely on.
+    assert server.script == [chat_completion()]
