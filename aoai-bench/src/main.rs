@@ -6,11 +6,14 @@
 //!   against a running simulator; prints per-call results as JSON.
 //! - `overhead`: a bare hyper client against tower-aoai's layers over the same client, on
 //!   loopback against a zero-latency server, in one run; prints a table (or JSON).
+//! - `queue`: a burst of N concurrent calls through a limit of 4, the `Stack` against a bare
+//!   client behind a semaphore, in one run; prints a table.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod goodput;
 mod overhead;
+mod queue;
 mod schedule;
 
 use std::path::PathBuf;
@@ -86,6 +89,13 @@ enum Command {
         /// the bare client).
         #[arg(long)]
         only: Option<String>,
+    },
+    /// A burst of N concurrent calls through a limit of 4: the Stack's queue against a bare
+    /// client behind a semaphore, side by side.
+    Queue {
+        /// Burst sizes (concurrent calls), one after the other.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        calls: Vec<usize>,
     },
     /// Serve the overhead run's zero-latency answer on 127.0.0.1 until stdin closes (for
     /// `bench/overhead.py`); prints `listening on http://127.0.0.1:PORT`.
@@ -185,6 +195,12 @@ fn run(cli: Cli) -> Result<(), String> {
                     print_overhead(run);
                 }
             }
+        }
+        Command::Queue { calls } => {
+            if calls.iter().any(|c| *c == 0 || *c > 1_000_000) {
+                return Err("--calls must be in 1..=1000000".into());
+            }
+            queue::run(&calls).map_err(|e| format!("queue: {e}"))?;
         }
         Command::ServeZero => {
             let rt = runtime()?;

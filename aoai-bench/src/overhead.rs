@@ -45,7 +45,8 @@ pub struct Options {
     pub only: Option<&'static str>,
 }
 
-const BODY: &[u8] = br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
+pub(crate) const BODY: &[u8] =
+    br#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":16}"#;
 const ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
 
 /// The headers Azure OpenAI sends with a success (see `shared/AZURE.md`), so that every variant
@@ -103,7 +104,7 @@ pub async fn serve() -> std::io::Result<SocketAddr> {
 }
 
 /// Reads the whole body so every variant does the same work per request.
-async fn drain<B>(res: Response<B>) -> Result<(), BoxError>
+pub(crate) async fn drain<B>(res: Response<B>) -> Result<(), BoxError>
 where
     B: hyper::body::Body,
     B::Error: Into<BoxError>,
@@ -115,7 +116,7 @@ where
     Ok(())
 }
 
-fn client() -> Client<HttpConnector, Full<Bytes>> {
+pub(crate) fn client() -> Client<HttpConnector, Full<Bytes>> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new()).build(connector)
@@ -229,7 +230,7 @@ fn variants(base: &str) -> Result<Vec<(&'static str, Svc)>, BoxError> {
 }
 
 /// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`, nanoseconds), if known.
-fn thread_cpu() -> Option<Duration> {
+pub(crate) fn thread_cpu() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_nanos(ns))
