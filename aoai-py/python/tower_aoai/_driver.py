@@ -123,7 +123,7 @@ def _leased_stream_class(http: ModuleType) -> type:
     """A success's response stream (sync and async) for ``http`` that holds the attempt's
     :class:`Lease` until the body ends: read to its end (``finish``), broken off by a transport
     error (``fail``), or closed, abandoned or garbage-collected first (``cancel``). The first end
-    counts; it then calls ``ended`` (which wakes the calls queued for a permit)."""
+    counts; it then calls ``ended`` (which wakes the first call queued for a permit)."""
 
     class LeasedStream(http.SyncByteStream, http.AsyncByteStream):  # type: ignore[name-defined,misc]
         def __init__(self, stream: Any, lease: Lease, ended: Callable[[], None]) -> None:
@@ -416,6 +416,11 @@ class _Base:
     _ends: int
     _urls: dict[str, Any]
 
+    def _holds_permit(self, response: Any) -> bool:
+        """Whether an attempt's answer keeps its permit (a success's body, until it ends, which
+        wakes the queue then); any other end of an attempt gave its permit back at once."""
+        return response is not None and isinstance(response.stream, self._leased)
+
     @property
     def engine(self) -> Engine:
         """The Rust engine (policy, budget, backends, limiter, pacing, stats) this transport defers to."""
@@ -494,8 +499,9 @@ class SyncDriver(_Base):
                         response, error, after = self._attempt(request, call, value)
                     except BaseException:
                         value.cancel()  # its permit goes back (an outcome, once fed, took it)
+                        self._attempt_ended()
                         raise
-                    finally:
+                    if not self._holds_permit(response):
                         self._attempt_ended()
                     _log_attempt(request, call, value, response, after)
                 else:
@@ -753,8 +759,9 @@ class AsyncDriver(_Base):
                         response, error, after = await self._attempt(request, call, value)
                     except BaseException:
                         value.cancel()  # its permit goes back (an outcome, once fed, took it)
+                        self._attempt_ended()
                         raise
-                    finally:
+                    if not self._holds_permit(response):
                         self._attempt_ended()
                     _log_attempt(request, call, value, response, after)
                 else:
