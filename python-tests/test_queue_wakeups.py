@@ -124,3 +124,24 @@ def test_sync_a_woken_call_that_fails_passes_the_wake_on(server: ScriptedServer,
 def test_chat_completion_is_the_default_reply(server: ScriptedServer) -> None:
     # The fixture's reply these tests rely on.
     assert server.script == [chat_completion()]
+
+
+def test_sync_a_body_the_inner_transport_already_read_holds_no_permit() -> None:
+    # A mock or caching inner transport hands back a read body: it has ended, so the success
+    # gives its permit back at once (it was held until the response was garbage-collected).
+    inner = httpx2.MockTransport(lambda request: httpx2.Response(200, json={"ok": 1}))
+    transport = tower_aoai.Transport(inner, **{**ONE_PERMIT, "queue_timeout": 1.0})
+    with httpx2.Client(transport=transport, base_url="http://aoai.example") as client:
+        # One permit: a call that had to wait for it would be overloaded after 1 s.
+        kept = [client.post(URL, content=BODY) for _ in range(3)]
+        assert transport.stats()["backends"]["default"]["gauges"]["in_flight"] == 0
+    assert [r.json() for r in kept] == [{"ok": 1}] * 3
+
+
+async def test_async_a_body_the_inner_transport_already_read_holds_no_permit() -> None:
+    inner = httpx2.MockTransport(lambda request: httpx2.Response(200, json={"ok": 1}))
+    transport = tower_aoai.AsyncTransport(inner, **{**ONE_PERMIT, "queue_timeout": 1.0})
+    async with httpx2.AsyncClient(transport=transport, base_url="http://aoai.example") as client:
+        kept = [await client.post(URL, content=BODY) for _ in range(3)]
+        assert transport.stats()["backends"]["default"]["gauges"]["in_flight"] == 0
+    assert [r.json() for r in kept] == [{"ok": 1}] * 3

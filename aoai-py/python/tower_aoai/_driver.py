@@ -448,8 +448,10 @@ class SyncDriver(_Base):
     until its answer, which is closed unread (``close`` waits for it)."""
 
     _sleep: Callable[[float], None]
-    #: Guards `_waiters` and a queueing call's look at `_ends`.
-    _ended: threading.Lock
+    #: Guards `_waiters`, `_ends` and `_losers`. Re-entrant: a response collected by the garbage
+    #: collector ends its lease (and wakes the line) on whatever thread allocated, which may be
+    #: one that holds this lock.
+    _ended: threading.RLock
     #: The queued calls, first in line first: a returned permit wakes the first alone.
     _waiters: deque[threading.Event]
     #: Whether calls may be hedged at all (several backends, hedging on).
@@ -470,7 +472,7 @@ class SyncDriver(_Base):
         self._leased = _leased_stream_class(self._http)
         self._inner = transport if transport is not None else self._http.HTTPTransport()
         self._sleep = time.sleep if sleep is None else sleep
-        self._ended = threading.Lock()
+        self._ended = threading.RLock()
         self._ends = 0
         self._waiters = deque()
         self._urls = {}
@@ -616,7 +618,11 @@ class SyncDriver(_Base):
             else:
                 after, lease = attempt.on_response_streamed(status, headers)
             if lease is not None:
-                response.stream = self._leased(response.stream, lease, self._attempt_ended)
+                if response.is_stream_consumed:
+                    # The inner transport read the body already (a mock, a cache): it has ended.
+                    lease.finish()
+                else:
+                    response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:
@@ -647,16 +653,19 @@ class SyncDriver(_Base):
             if waiter.wait(timeout):
                 return True
         except BaseException:
-            with self._ended:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            self._leave(waiter)
             if waiter.is_set():
                 self._wake_one()  # woken, then interrupted: the next in line gets the wake
             raise
-        with self._ended:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+        self._leave(waiter)
         return waiter.is_set()  # a wake that came with the timeout still counts
+
+    def _leave(self, waiter: threading.Event) -> None:
+        with self._ended:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass  # woken: `_wake_one` took it out of the line
 
     def _wake_one(self) -> None:
         """Wakes the first call in line, if any."""
@@ -665,13 +674,14 @@ class SyncDriver(_Base):
                 self._waiters.popleft().set()
 
     def _attempt_ended(self) -> None:
-        self._ends += 1
-        # A queued call registers under `_ended` after it compares `_ends`: either it sees the
-        # new count, or this sees it in line and wakes it. One call, not all: with thousands
-        # queued, waking all on every return costs each a look at the engine per permit. No
-        # lock when nobody queues (the fast path).
-        if self._waiters:
-            self._wake_one()
+        # Under the lock a queued call registers under after it compares `_ends` (attempts end
+        # on any thread: stream ends, hedge losers): either it sees the new count, or this sees
+        # it in line and wakes it. One call, not all: with thousands queued, waking all on every
+        # return costs each a look at the engine per permit.
+        with self._ended:
+            self._ends += 1
+            if self._waiters:
+                self._waiters.popleft().set()
 
     def _read_prefix(self, response: Any, call: Call) -> bytes:
         # A blocking read cannot be interrupted: the bound is checked between chunks, and a single
@@ -798,19 +808,26 @@ class AsyncDriver(_Base):
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+        woken = False
         try:
             await asyncio.wait_for(waiter, timeout)
-            return True  # `_wake_one` took it out of the line
+            woken = True  # `_wake_one` took it out of the line
+            return True
         except asyncio.TimeoutError:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            return False
+            # A wake that came in the same turn as the timeout still counts (Python >= 3.12
+            # raises the timeout then).
+            woken = waiter.done() and not waiter.cancelled()
+            return woken
         except BaseException:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            elif waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled():
                 self._wake_one()  # woken, then cancelled: the next in line gets the wake
             raise
+        finally:
+            if not woken:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass  # `_wake_one` took it out of the line
 
     def _wake_one(self) -> None:
         """Wakes the first call in line that still waits, if any (on its own loop)."""
@@ -905,7 +922,11 @@ class AsyncDriver(_Base):
             else:
                 after, lease = attempt.on_response_streamed(status, headers)
             if lease is not None:
-                response.stream = self._leased(response.stream, lease, self._attempt_ended)
+                if response.is_stream_consumed:
+                    # The inner transport read the body already (a mock, a cache): it has ended.
+                    lease.finish()
+                else:
+                    response.stream = self._leased(response.stream, lease, self._attempt_ended)
             return response, None, after
         except self._http.TimeoutException as exc:
             if response is not None:

@@ -507,7 +507,15 @@ impl Engine {
         if !pace.is_zero() {
             return Next::Wait(self.capped(call, now, pace));
         }
-        let Some(permit) = self.limits[id.index()].try_acquire(now, tokens) else {
+        // First come, first served: a new call does not take a permit that came back to calls
+        // queued on this backend (the first of them was woken for it).
+        let behind_the_line = self.queued[id.index()] > 0 && call.queued_since.is_none();
+        let permit = if behind_the_line {
+            None
+        } else {
+            self.limits[id.index()].try_acquire(now, tokens)
+        };
+        let Some(permit) = permit else {
             let since = *call.queued_since.get_or_insert(now);
             let waited = now.saturating_duration_since(since);
             if waited >= self.queue_timeout {

@@ -588,6 +588,9 @@ where
                         Ok(req) => Some((ticket, req)),
                         Err(_) => {
                             engine.on_cancel(ticket, at);
+                            let queued = engine.has_queued();
+                            drop(engine);
+                            shared.wake(queued);
                             None
                         }
                     }

@@ -573,3 +573,49 @@ async fn every_attempt_is_a_tracing_event_without_secrets() {
     assert!(lines[1].contains("apim_request_id=\"req-7\""), "{text}");
     assert!(!text.contains("secret"), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_call_does_not_take_a_permit_from_the_queued_ones() {
+    let stack = one_limited_backend(1, Duration::from_secs(600), slow_ok(100));
+    let t0 = tokio::time::Instant::now();
+    // The only permit, held by an unread body.
+    let holder = stack.clone().oneshot(req()).await.unwrap();
+    let spawn = |name: &'static str| {
+        let svc = stack.clone();
+        tokio::spawn(async move {
+            let res = svc.oneshot(req()).await.unwrap();
+            res.into_body().collect().await.unwrap();
+            (name, tokio::time::Instant::now() - t0)
+        })
+    };
+    let w1 = spawn("w1");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let w2 = spawn("w2");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(gauges(&stack, "a").queue_depth, 2);
+    // The permit comes back (w1 is woken for it) and a new call asks before w1 looks: it
+    // queues behind both.
+    drop(holder);
+    let mut fresh = Box::pin(stack.clone().oneshot(req()));
+    tokio::select! {
+        biased;
+        _ = &mut fresh => unreachable!("the new call took the queued calls' permit"),
+        _ = std::future::ready(()) => {}
+    }
+    let fresh = tokio::spawn(async move {
+        let res = fresh.await.unwrap();
+        res.into_body().collect().await.unwrap();
+        ("new", tokio::time::Instant::now() - t0)
+    });
+    let mut order = vec![fresh.await.unwrap(), w1.await.unwrap(), w2.await.unwrap()];
+    order.sort_by_key(|(_, t)| *t);
+    assert_eq!(
+        order,
+        [
+            // The holder's answer came at 100 ms; its body was dropped at 102 ms.
+            ("w1", Duration::from_millis(202)),
+            ("w2", Duration::from_millis(302)),
+            ("new", Duration::from_millis(402)),
+        ]
+    );
+}
