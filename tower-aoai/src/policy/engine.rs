@@ -24,12 +24,17 @@
 //!                 After::GiveUp(_) => return it marked `x-should-retry: false` (or raise the error),
 //!                 After::Retry => continue,
 //!         Next::Wait(d) => sleep d, continue,
-//!         Next::Queue(d) => wait until an attempt ends or d passes, continue,
+//!         Next::Queue(d) => wait in line until a returned permit wakes it or d passes, continue,
 //!         Next::Fail(f) => raise the typed error,
 //!     }
 //! }
 //! engine.forget(&mut call)   // when the call ends some other way (dropped while queued)
 //! ```
+//!
+//! Queued calls are served first come, first served: a new call does not take a permit that came
+//! back to calls queued on its backend. A driver wakes the first call in line when a permit comes
+//! back ([`Engine::has_queued`]), not all of them; a woken call that took its permit wakes the
+//! next while [`Engine::queued_have_room`], and one that fails passes its wake on.
 //!
 //! A driver that hands a success's body up as a stream uses
 //! [`Engine::on_response_streamed`] instead of `on_response`: the success keeps its concurrency
@@ -174,8 +179,8 @@ pub enum Next {
     Send(Ticket),
     /// Sleep this long, then ask again (a cooldown, pacing or backoff; never past the deadline).
     Wait(Duration),
-    /// Every usable backend is at its concurrency limit: wait until an attempt ends (or this long
-    /// at most), then ask again.
+    /// Every usable backend is at its concurrency limit, or calls queue ahead of this one: wait
+    /// in line until a returned permit wakes the call (or this long at most), then ask again.
     Queue(Duration),
     /// The call cannot be served.
     Fail(Failure),
