@@ -376,6 +376,7 @@ impl Engine {
             state: Arc::new(Mutex::new(CallState {
                 call,
                 wait_until: None,
+                passes_wake_on: false,
             })),
         }
     }
@@ -673,6 +674,8 @@ pub(crate) struct CallState {
     call: EngineCall,
     /// When the wait the driver was last told to do ends.
     wait_until: Option<Instant>,
+    /// The engine's word, with the latest `next()`, on passing a queue wake on.
+    passes_wake_on: bool,
 }
 
 /// One user request through its attempts: ask `next()` what to do, carry it out.
@@ -720,6 +723,7 @@ impl Call {
             if let Next::Wait(d) = &next {
                 state.wait_until = now.checked_add(*d);
             }
+            state.passes_wake_on = core.engine.passes_wake_on(&next, now);
             next
         };
         drop(state);
@@ -752,6 +756,14 @@ impl Call {
                 "unsupported engine decision: {other:?}"
             ))),
         }
+    }
+
+    /// Whether this call, if a returned permit woke it from the queue before its latest
+    /// `next()`, passes the wake on to the next queued call (it took its permit and room is
+    /// left, or it fails): the engine's rule, the same for every driver.
+    #[getter]
+    fn passes_wake_on(&self) -> bool {
+        lock(&self.state).passes_wake_on
     }
 
     /// Attempts sent so far.

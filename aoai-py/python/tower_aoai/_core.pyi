@@ -180,6 +180,10 @@ class Call:
     def next(self) -> _Next:
         """What to do next: send an attempt, wait, queue for a permit, or fail."""
     @property
+    def passes_wake_on(self) -> bool:
+        """Whether this call, if a returned permit woke it from the queue before its latest
+        ``next()``, wakes the next queued call (it took its permit and room is left, or it fails)."""
+    @property
     def attempts(self) -> int: ...
     @property
     def last_outcome(self) -> str | None: ...

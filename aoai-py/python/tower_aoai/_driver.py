@@ -371,13 +371,36 @@ def _hedging(engine: Engine) -> bool:
     return not engine.passthrough and len(engine.backends) > 1 and engine.hedge_quantile is not None
 
 
-def _winner(results: list[tuple[Attempt, Any, BaseException | None, Any]]) -> Any:
-    """Of the attempts of a hedged call that answered, the one whose answer ends the call: a
-    success first, then an answer retrying cannot help; else (every answer would retry) the
-    last one. ``None`` while the call waits for another attempt."""
-    final = [r for r in results if r[3][0] != "retry"]
-    final.sort(key=lambda r: r[3][0] != "return")
+#: An attempt of a hedged call and what it came to: (attempt, response, error, decision).
+_Answer = tuple[Attempt, Any, "BaseException | None", Any]
+
+
+def _take(
+    request: Any, call: Call, done: Any, attempts: dict[Any, Attempt], consumed: set[Any], answers: list[_Answer]
+) -> _Answer | None:
+    """Takes the answers of a hedged call's finished attempts (`done`: futures or tasks, keys of
+    `attempts`) into `answers`, and returns the one that ends the call: a success first, then an
+    answer retrying cannot help. ``None`` while the call waits for its other attempt (a failure
+    waits for it)."""
+    for future in done:
+        consumed.add(future)
+        response, error, after = future.result()
+        answers.append((attempts[future], response, error, after))
+        _log_attempt(request, call, attempts[future], response, after)
+    final = [a for a in answers if a[3][0] != "retry"]
+    final.sort(key=lambda a: a[3][0] != "return")
     return final[0] if final else None
+
+
+def _log_hedge(request: Any, primary: Attempt, delay: float, hedge: Attempt) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s: backend %s slower than %.3f s; hedging to backend %s",
+            _where(request),
+            primary.backend,
+            delay,
+            hedge.backend,
+        )
 
 
 def _in_thread(fn: Callable[..., _Sent], *args: Any) -> concurrent.futures.Future[_Sent]:
@@ -484,14 +507,14 @@ class SyncDriver(_Base):
         request.read()  # replayable from here on
         call = self._engine.start(request.content)
         # Whether a returned permit just woke this call from the queue: it then passes the wake
-        # on when it sends (room may be left for the next in line) or fails, so none is lost.
+        # on when the engine says so (it took its permit and room is left, or it fails).
         woken = False
         while True:
             seen = self._ends
             step, value = call.next()
             if woken and step != "queue":
                 woken = False
-                if step != "wait":
+                if call.passes_wake_on:
                     self._wake_one()
             if step == "send":
                 assert isinstance(value, Attempt)
@@ -545,32 +568,18 @@ class SyncDriver(_Base):
             if not early:
                 hedge = call.hedge(primary)
                 if hedge is not None:
-                    if logger.isEnabledFor(logging.DEBUG):
-                        logger.debug(
-                            "%s: backend %s slower than %.3f s; hedging to backend %s",
-                            _where(request),
-                            primary.backend,
-                            delay,
-                            hedge.backend,
-                        )
+                    _log_hedge(request, primary, delay, hedge)
                     attempts[_in_thread(self._attempt, request, call, hedge)] = hedge
             pending = set(attempts)
-            results: list[tuple[Attempt, Any, BaseException | None, Any]] = []
+            answers: list[_Answer] = []
             winner = None
             while pending and winner is None:
                 done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    consumed.add(future)
-                    response, error, after = future.result()
-                    results.append((attempts[future], response, error, after))
-                    _log_attempt(request, call, attempts[future], response, after)
-                # A success (or an answer retrying cannot help) ends the call at once; a failure
-                # waits for the other attempt.
-                winner = _winner(results)
-            winner = winner or results[-1]
-            for result in results:
-                if result is not winner and result[1] is not None:
-                    result[1].close()  # a losing success gives its permit back here
+                winner = _take(request, call, done, attempts, consumed, answers)
+            winner = winner or answers[-1]
+            for answer in answers:
+                if answer is not winner and answer[1] is not None:
+                    answer[1].close()  # a losing success gives its permit back here
             return winner[1], winner[2], winner[3]
         finally:
             # The loser (or both, when the caller is interrupted) is cancelled in the engine now:
@@ -759,7 +768,7 @@ class AsyncDriver(_Base):
             step, value = call.next()
             if woken and step != "queue":
                 woken = False
-                if step != "wait":
+                if call.passes_wake_on:
                     self._wake_one()
             if step == "send":
                 assert isinstance(value, Attempt)
@@ -863,32 +872,18 @@ class AsyncDriver(_Base):
             if not early:
                 hedge = call.hedge(primary)
                 if hedge is not None:
-                    if logger.isEnabledFor(logging.DEBUG):
-                        logger.debug(
-                            "%s: backend %s slower than %.3f s; hedging to backend %s",
-                            _where(request),
-                            primary.backend,
-                            delay,
-                            hedge.backend,
-                        )
+                    _log_hedge(request, primary, delay, hedge)
                     attempts[asyncio.ensure_future(self._attempt(request, call, hedge))] = hedge
             pending = set(attempts)
-            results: list[tuple[Attempt, Any, BaseException | None, Any]] = []
+            answers: list[_Answer] = []
             winner = None
             while pending and winner is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    consumed.add(task)
-                    response, error, after = task.result()
-                    results.append((attempts[task], response, error, after))
-                    _log_attempt(request, call, attempts[task], response, after)
-                # A success (or an answer retrying cannot help) ends the call at once; a failure
-                # waits for the other attempt.
-                winner = _winner(results)
-            winner = winner or results[-1]
-            for result in results:
-                if result is not winner and result[1] is not None:
-                    await result[1].aclose()  # a losing success gives its permit back here
+                winner = _take(request, call, done, attempts, consumed, answers)
+            winner = winner or answers[-1]
+            for answer in answers:
+                if answer is not winner and answer[1] is not None:
+                    await answer[1].aclose()  # a losing success gives its permit back here
             return winner[1], winner[2], winner[3]
         finally:
             # The loser (or both, when the caller is cancelled): cancel its request, which closes

@@ -33,8 +33,8 @@
 //!
 //! Queued calls are served first come, first served: a new call does not take a permit that came
 //! back to calls queued on its backend. A driver wakes the first call in line when a permit comes
-//! back ([`Engine::has_queued`]), not all of them; a woken call that took its permit wakes the
-//! next while [`Engine::queued_have_room`], and one that fails passes its wake on.
+//! back ([`Engine::has_queued`]), not all of them; a woken call passes the wake on when
+//! [`Engine::passes_wake_on`] says so.
 //!
 //! A driver that hands a success's body up as a stream uses
 //! [`Engine::on_response_streamed`] instead of `on_response`: the success keeps its concurrency
@@ -409,15 +409,28 @@ impl Engine {
         self.queued.iter().any(|&n| n > 0)
     }
 
-    /// Whether a backend that calls queue on has a free permit at `now`: a driver whose woken
-    /// call just took a permit wakes the next queued call only then, so that a returned permit
-    /// wakes one queued call, not all of them (a wake that finds no room would send that call
-    /// to the back of the line).
+    /// Whether a backend that calls queue on has a free permit at `now`.
     pub fn queued_have_room(&self, now: Instant) -> bool {
         self.queued
             .iter()
             .zip(&self.limits)
             .any(|(&n, limit)| n > 0 && limit.available(now) > 0)
+    }
+
+    /// Whether a call that a returned permit woke from the queue, and to which [`next`]
+    /// answered `next` at `now`, passes the wake on to the next queued call: when it took its
+    /// permit and a backend calls queue on still has room (the permit that came back may not be
+    /// the only one), or when it fails (its wake must not be lost with it). A wake that finds
+    /// no room would only send that call to the back of the line, so a returned permit wakes
+    /// one queued call, not all of them.
+    ///
+    /// [`next`]: Self::next
+    pub fn passes_wake_on(&self, next: &Next, now: Instant) -> bool {
+        match next {
+            Next::Send(_) => self.queued_have_room(now),
+            Next::Fail(_) => self.has_queued(),
+            Next::Wait(_) | Next::Queue(_) => false,
+        }
     }
 
     /// The support record of the latest 403 block of backend `id`'s resource, if it had one.

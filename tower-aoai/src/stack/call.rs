@@ -89,8 +89,8 @@ impl Shared {
     /// (`queued`, read under the same lock). A call joins the queue and registers to be woken
     /// under that lock, so a permit that came back to an empty queue misses nobody. One call, not
     /// all: with thousands queued, waking all on every return costs each of them a turn of the
-    /// lock per permit. The woken call passes the wake on when it took the permit and more room
-    /// is left, or when it fails (see `run`); the engine's recheck (at most a second) covers any
+    /// lock per permit. The woken call passes the wake on when the engine says so
+    /// ([`Engine::passes_wake_on`], in `run`); the engine's recheck (at most a second) covers any
     /// room that appears without a permit coming back.
     fn wake(&self, queued: bool) {
         if queued {
@@ -245,14 +245,7 @@ where
                     let mut engine = shared.lock();
                     let at = now();
                     let next = engine.next(&mut call.call, at);
-                    // A woken call passes the wake on to the next in line when it took its
-                    // permit and room is left, or when it fails: a wake is never lost on it.
-                    let pass_on = std::mem::take(&mut woken)
-                        && match next {
-                            Next::Send(_) => engine.queued_have_room(at),
-                            Next::Fail(_) => true,
-                            Next::Wait(_) | Next::Queue(_) => false,
-                        };
+                    let pass_on = std::mem::take(&mut woken) && engine.passes_wake_on(&next, at);
                     let chosen = match next {
                         Next::Send(ticket) => {
                             let id = ticket.backend();
