@@ -6,6 +6,7 @@ test can assert how many attempts reached it, when, and with which headers.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import logging
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+import tower_aoai
 
 #: Bounds every wait in the server so a broken test cannot hang.
 GATE_TIMEOUT = 5.0
@@ -119,6 +122,20 @@ def blocked(**headers: str) -> Reply:
 
 def server_error(body: bytes = b'{"error":{"code":"InternalServerError","message":"oops"}}') -> Reply:
     return Reply(500, {"content-type": "application/json"}, body)
+
+
+def tiered(east: ScriptedServer, west: ScriptedServer) -> list[tower_aoai.Backend]:
+    """Two backends for the hedging tests. East is the primary (tier 0): every first attempt goes
+    there; west only takes hedges."""
+    return [
+        tower_aoai.Backend("east", east.url, deployment="d-east", api_key="east-key", tier=0),
+        tower_aoai.Backend("west", west.url, deployment="d-west", api_key="west-key", tier=1),
+    ]
+
+
+def slow(content: str, delay: float = 0.0, hold: threading.Event | None = None) -> Reply:
+    """A success that comes `delay` s late, or not before `hold` is set."""
+    return dataclasses.replace(chat_completion(content), delay=delay, hold=hold)
 
 
 def http_date(seconds_from_now: float) -> str:

@@ -6,14 +6,13 @@ test_hedging_sync.py."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 
 import httpx2
 import openai
 import pytest
-from conftest import GATE_TIMEOUT, AsyncFakeSleep, Reply, ScriptedServer, chat_completion, server_error
+from conftest import GATE_TIMEOUT, AsyncFakeSleep, ScriptedServer, server_error, slow, tiered
 from openai.types.chat import ChatCompletionMessageParam
 
 import tower_aoai
@@ -21,14 +20,6 @@ import tower_aoai
 pytestmark = pytest.mark.anyio
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
-
-
-def tiered(east: ScriptedServer, west: ScriptedServer) -> list[tower_aoai.Backend]:
-    # East is the primary (tier 0): every first attempt goes there; west only takes hedges.
-    return [
-        tower_aoai.Backend("east", east.url, deployment="d-east", api_key="east-key", tier=0),
-        tower_aoai.Backend("west", west.url, deployment="d-west", api_key="west-key", tier=1),
-    ]
 
 
 def azure(transport: tower_aoai.AsyncTransport) -> openai.AsyncAzureOpenAI:
@@ -43,11 +34,6 @@ def azure(transport: tower_aoai.AsyncTransport) -> openai.AsyncAzureOpenAI:
 async def chat(client: openai.AsyncAzureOpenAI) -> str | None:
     completion = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     return completion.choices[0].message.content
-
-
-def slow(content: str, delay: float = 0.0, hold: threading.Event | None = None) -> Reply:
-    """A success from east that comes `delay` s late, or not before `hold` is set."""
-    return dataclasses.replace(chat_completion(content), delay=delay, hold=hold)
 
 
 async def warm_up(client: openai.AsyncAzureOpenAI, east: ScriptedServer, calls: int) -> None:

@@ -6,14 +6,13 @@ and hedges stay within their budget. A call that cannot hedge stays on the calle
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import json
 import threading
 from typing import Any
 
 import httpx2
 import openai
-from conftest import FakeSleep, Reply, ScriptedServer, chat_completion, server_error
+from conftest import FakeSleep, ScriptedServer, server_error, slow, tiered
 from openai.types.chat import ChatCompletionMessageParam
 
 import tower_aoai
@@ -22,14 +21,6 @@ MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 #: What a test sets in the caller's context, to see it in the attempt's thread.
 TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("trace", default="none")
-
-
-def tiered(east: ScriptedServer, west: ScriptedServer) -> list[tower_aoai.Backend]:
-    # East is the primary (tier 0): every first attempt goes there; west only takes hedges.
-    return [
-        tower_aoai.Backend("east", east.url, deployment="d-east", api_key="east-key", tier=0),
-        tower_aoai.Backend("west", west.url, deployment="d-west", api_key="west-key", tier=1),
-    ]
 
 
 def azure(transport: tower_aoai.Transport) -> openai.AzureOpenAI:
@@ -44,11 +35,6 @@ def azure(transport: tower_aoai.Transport) -> openai.AzureOpenAI:
 def chat(client: openai.AzureOpenAI) -> str | None:
     completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     return completion.choices[0].message.content
-
-
-def slow(content: str, delay: float = 0.0, hold: threading.Event | None = None) -> Reply:
-    """A success from east that comes `delay` s late, or not before `hold` is set."""
-    return dataclasses.replace(chat_completion(content), delay=delay, hold=hold)
 
 
 def warm_up(client: openai.AzureOpenAI, east: ScriptedServer, calls: int) -> None:

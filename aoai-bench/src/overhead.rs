@@ -275,10 +275,16 @@ async fn round(
 
 /// Runs every variant `rounds` times, interleaved in a rotating order, and reports the median
 /// time per request and the paired overhead (median and quartiles) against the bare client.
-///
-/// The client runs on this thread (a current-thread runtime: its CPU time is the client's
-/// alone); the server runs on a runtime of its own on another thread.
 pub fn run(options: Options) -> Result<Value, BoxError> {
+    with_zero_server(|client_rt, addr| client_rt.block_on(measure(addr, options)))
+}
+
+/// Runs `client` with the zero-latency server listening at the address it is given. The client
+/// runs on this thread (a current-thread runtime: its CPU time is the client's alone); the server
+/// runs on a runtime of its own on another thread.
+pub(crate) fn with_zero_server<T>(
+    client: impl FnOnce(&tokio::runtime::Runtime, SocketAddr) -> Result<T, BoxError>,
+) -> Result<T, BoxError> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -287,7 +293,7 @@ pub fn run(options: Options) -> Result<Value, BoxError> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = client_rt.block_on(measure(addr, options));
+    let result = client(&client_rt, addr);
     drop(client_rt);
     server_rt.shutdown_background();
     result

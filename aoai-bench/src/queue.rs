@@ -18,7 +18,7 @@ use tower_aoai::policy::route::Backend;
 use tower_aoai::policy::{LimitConfig, PacingConfig};
 use tower_aoai::stack::Stack;
 
-use crate::overhead::{BODY, client, drain, serve, thread_cpu};
+use crate::overhead::{BODY, client, drain, thread_cpu, with_zero_server};
 
 /// The limit both sides run under.
 const LIMIT: u32 = 4;
@@ -92,15 +92,14 @@ async fn burst(addr: SocketAddr, calls: usize) -> Result<(Burst, Burst), BoxErro
 
 /// Prints the table for each burst size in `sizes`.
 pub fn run(sizes: &[usize]) -> Result<(), BoxError> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let addr = server_rt.block_on(serve())?;
-    // The client on this thread alone: its CPU time is the client's.
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    with_zero_server(|client_rt, addr| print_bursts(client_rt, addr, sizes))
+}
+
+fn print_bursts(
+    client_rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    sizes: &[usize],
+) -> Result<(), BoxError> {
     println!(
         "N concurrent calls through a limit of {LIMIT} · zero-latency hyper server on 127.0.0.1 · client thread CPU and wall time per call"
     );
@@ -120,7 +119,5 @@ pub fn run(sizes: &[usize]) -> Result<(), BoxError> {
             us(stack.cpu) / us(bare.cpu).max(f64::MIN_POSITIVE)
         );
     }
-    drop(client_rt);
-    server_rt.shutdown_background();
     Ok(())
 }

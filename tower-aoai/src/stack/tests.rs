@@ -294,20 +294,30 @@ fn gauges(stack: &Stack<impl Sized>, name: &str) -> crate::policy::stats::Gauges
     stack.stats().backend(name).unwrap().gauges.clone()
 }
 
+/// Sends a request through `stack` on a task of its own and reads the whole body; the task
+/// returns how long after `t0` the body ended.
+fn spawn_timed<S>(stack: &Stack<S>, t0: tokio::time::Instant) -> tokio::task::JoinHandle<Duration>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let svc = stack.clone();
+    tokio::spawn(async move {
+        let res = svc.oneshot(req()).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        tokio::time::Instant::now() - t0
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_backend_queues_and_a_returned_permit_wakes_the_next_call() {
     let stack = one_limited_backend(2, Duration::from_secs(30), slow_ok(100));
     let t0 = tokio::time::Instant::now();
-    let calls: Vec<_> = (0..4)
-        .map(|_| {
-            let svc = stack.clone();
-            tokio::spawn(async move {
-                let res = svc.oneshot(req()).await.unwrap();
-                res.into_body().collect().await.unwrap();
-                tokio::time::Instant::now() - t0
-            })
-        })
-        .collect();
+    let calls: Vec<_> = (0..4).map(|_| spawn_timed(&stack, t0)).collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
     let g = gauges(&stack, "a");
     assert_eq!((g.in_flight, g.queue_depth), (2, 2), "{g:?}");
@@ -332,16 +342,7 @@ async fn a_returned_permit_wakes_one_queued_call_not_all_of_them() {
     // the one before it ends (no call waits for the engine's recheck).
     let stack = one_limited_backend(1, Duration::from_secs(600), slow_ok(100));
     let t0 = tokio::time::Instant::now();
-    let calls: Vec<_> = (0..60)
-        .map(|_| {
-            let svc = stack.clone();
-            tokio::spawn(async move {
-                let res = svc.oneshot(req()).await.unwrap();
-                res.into_body().collect().await.unwrap();
-                tokio::time::Instant::now() - t0
-            })
-        })
-        .collect();
+    let calls: Vec<_> = (0..60).map(|_| spawn_timed(&stack, t0)).collect();
     let mut took = Vec::new();
     for call in calls {
         took.push(call.await.unwrap());
@@ -580,17 +581,9 @@ async fn a_new_call_does_not_take_a_permit_from_the_queued_ones() {
     let t0 = tokio::time::Instant::now();
     // The only permit, held by an unread body.
     let holder = stack.clone().oneshot(req()).await.unwrap();
-    let spawn = |name: &'static str| {
-        let svc = stack.clone();
-        tokio::spawn(async move {
-            let res = svc.oneshot(req()).await.unwrap();
-            res.into_body().collect().await.unwrap();
-            (name, tokio::time::Instant::now() - t0)
-        })
-    };
-    let w1 = spawn("w1");
+    let w1 = spawn_timed(&stack, t0);
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let w2 = spawn("w2");
+    let w2 = spawn_timed(&stack, t0);
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(gauges(&stack, "a").queue_depth, 2);
     // The permit comes back (w1 is woken for it) and a new call asks before w1 looks: it
@@ -605,9 +598,13 @@ async fn a_new_call_does_not_take_a_permit_from_the_queued_ones() {
     let fresh = tokio::spawn(async move {
         let res = fresh.await.unwrap();
         res.into_body().collect().await.unwrap();
-        ("new", tokio::time::Instant::now() - t0)
+        tokio::time::Instant::now() - t0
     });
-    let mut order = vec![fresh.await.unwrap(), w1.await.unwrap(), w2.await.unwrap()];
+    let mut order = vec![
+        ("new", fresh.await.unwrap()),
+        ("w1", w1.await.unwrap()),
+        ("w2", w2.await.unwrap()),
+    ];
     order.sort_by_key(|(_, t)| *t);
     assert_eq!(
         order,
