@@ -145,3 +145,43 @@ async def test_async_a_body_the_inner_transport_already_read_holds_no_permit() -
         kept = [await client.post(URL, content=BODY) for _ in range(3)]
         assert transport.stats()["backends"]["default"]["gauges"]["in_flight"] == 0
     assert [r.json() for r in kept] == [{"ok": 1}] * 3
+
+
+async def test_async_a_cancel_in_the_same_turn_as_the_wake_is_not_lost(server: ScriptedServer, async_sleep: AsyncFakeSleep) -> None:
+    # A queued call is woken (its permit came back) and cancelled before it resumes. The cancel
+    # wins: the call sends nothing and ends cancelled, and its wake passes to the next in line.
+    # (Through `asyncio.wait_for` before Python 3.12 the cancel was lost: the call went on and
+    # sent its request.)
+    transport = tower_aoai.AsyncTransport(sleep=async_sleep, **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    async with httpx2.AsyncClient(transport=transport, base_url=server.url) as client:
+        # The first call keeps the only permit while its body is unread.
+        first = await client.send(client.build_request("POST", URL, content=BODY), stream=True)
+        cancelled = asyncio.ensure_future(client.post(URL, content=BODY))
+        following = asyncio.ensure_future(client.post(URL, content=BODY))
+        for _ in range(1000):  # a bounded number of loop turns, no sleeping
+            if len(transport._waiters) == 2:
+                break
+            await asyncio.sleep(0)
+        assert len(transport._waiters) == 2
+        # The cancel is scheduled as the wake resolves the first waiter: it lands after the wake,
+        # before the woken call resumes.
+        first_in_line, wake = transport._waiters[0], transport._wake
+
+        def wake_then_cancel(waiter: asyncio.Future[bool]) -> None:
+            if waiter is first_in_line:
+                asyncio.get_running_loop().call_soon(cancelled.cancel)
+            wake(waiter)
+
+        transport._wake = wake_then_cancel
+        await first.aclose()  # the permit goes back and wakes the first in line
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        # The wake went on to the next in line, which is served without waiting for the recheck.
+        response = await asyncio.wait_for(following, 5.0)
+        assert response.status_code == 200
+        # The following call's one wait ended woken (the cancelled call's raised).
+        assert waits == [True], waits
+    assert len(server.hits) == 2  # the first call and the following one; the cancelled sent nothing
+    gauges = transport.stats()["backends"]["default"]["gauges"]
+    assert (gauges["in_flight"], gauges["queue_depth"]) == (0, 0)

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
+import sys
 import threading
 import time
 import zlib
@@ -425,6 +426,27 @@ def _in_thread(fn: Callable[..., _Sent], *args: Any) -> concurrent.futures.Futur
     return future
 
 
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    """Resolves a queue waiter, unless the wake, the timer or a cancellation came first."""
+    if not waiter.done():
+        waiter.set_result(value)
+
+
+if sys.version_info >= (3, 11):
+
+    async def _next_within(chunks: AsyncIterator[bytes], seconds: float) -> bytes:
+        """The next chunk, within `seconds` (else `TimeoutError`), read in the caller's task."""
+        async with asyncio.timeout(seconds):
+            return await chunks.__anext__()
+
+else:  # pragma: no cover - Python 3.10 has no `asyncio.timeout`
+
+    async def _next_within(chunks: AsyncIterator[bytes], seconds: float) -> bytes:
+        """The next chunk, within `seconds` (else `TimeoutError`). On 3.10 `wait_for` can lose a
+        cancellation that lands as the chunk arrives (a stdlib limitation)."""
+        return await asyncio.wait_for(chunks.__anext__(), seconds)
+
+
 class _Base:
     _http: ClassVar[ModuleType]
     _engine: Engine
@@ -735,7 +757,7 @@ class AsyncDriver(_Base):
 
     _sleep: Callable[[float], Awaitable[None]]
     #: The queued calls, first in line first: a returned permit wakes the first alone.
-    _waiters: deque[asyncio.Future[None]]
+    _waiters: deque[asyncio.Future[bool]]
     #: Whether calls may be hedged at all (several backends, hedging on).
     _hedges: bool
 
@@ -811,27 +833,29 @@ class AsyncDriver(_Base):
 
     async def _queue(self, timeout: float, front: bool) -> bool:
         """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
-        A call woken that must queue again goes back to the front (`front`), keeping its place."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        A call woken that must queue again goes back to the front (`front`), keeping its place.
+
+        The waiter is resolved by whichever comes first, the wake (`True`) or its own timer
+        (`False`), and awaited as it is: not through `asyncio.wait_for`, which before Python 3.12
+        returns a result that arrived in the same turn as the caller's cancellation, and so loses
+        the cancellation."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         if front:
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+        timer = loop.call_later(timeout, _resolve, waiter, False)
         woken = False
         try:
-            await asyncio.wait_for(waiter, timeout)
-            woken = True  # `_wake_one` took it out of the line
-            return True
-        except asyncio.TimeoutError:
-            # A wake that came in the same turn as the timeout still counts (Python >= 3.12
-            # raises the timeout then).
-            woken = waiter.done() and not waiter.cancelled()
+            woken = await waiter
             return woken
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.result():
                 self._wake_one()  # woken, then cancelled: the next in line gets the wake
             raise
         finally:
+            timer.cancel()
             if not woken:
                 try:
                     self._waiters.remove(waiter)
@@ -846,11 +870,11 @@ class AsyncDriver(_Base):
                 waiter.get_loop().call_soon_threadsafe(self._wake, waiter)
                 return
 
-    def _wake(self, waiter: asyncio.Future[None]) -> None:
+    def _wake(self, waiter: asyncio.Future[bool]) -> None:
         if waiter.done():
             self._wake_one()  # it stopped waiting (timed out, cancelled) meanwhile: the next one
         else:
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def _attempt_ended(self) -> None:
         self._ends += 1
@@ -948,7 +972,7 @@ class AsyncDriver(_Base):
             try:
                 # Each read is bounded too, so a server that sends headers and then stalls cannot
                 # hold the call past the wait.
-                chunk = await asyncio.wait_for(rest.__anext__(), max(0.0, deadline - time.monotonic()))
+                chunk = await _next_within(rest, max(0.0, deadline - time.monotonic()))
             except StopAsyncIteration:
                 done = True
                 break
