@@ -15,9 +15,25 @@
 //! `azure_endpoint` of `AzureOpenAI`, or with `/openai/v1` appended the `base_url` of `OpenAI`.
 //! Auth is `api-key: KEY` or `Authorization: Bearer KEY`, checked against the resource's key.
 //!
-//! Time: the model runs on a virtual clock, `time_scale` times faster than real time; waits
-//! (latency, stream pacing) are divided by it, and so are the delays the server asks for
-//! (`retry-after-ms`, `retry-after`, "retry after N seconds").
+//! Time: the model runs on a virtual clock, `time_scale` (K) times faster than real time, and
+//! every header is written in the client's real time, so a client that learns from them sees a
+//! service with K times the scenario's quotas (see [`Model::set_time_scale`]):
+//! - durations are divided by K: waits (latency, stream pacing) and the delays the server asks
+//!   for (`retry-after-ms`, `retry-after`, `x-ratelimit-reset-requests`,
+//!   `x-ratelimit-reset-tokens`, "retry after N seconds" in messages);
+//! - rates are multiplied by K, because a real minute holds K virtual minutes:
+//!   `x-ratelimit-limit-tokens` (tokens per real minute) and `x-ratelimit-limit-requests`
+//!   (requests per real minute, or per real window as long as the admission window it reports,
+//!   e.g. 20 per 10 s for 60 RPM over 10 s windows at K = 2);
+//! - `x-ratelimit-remaining-tokens` is not scaled: it is what the token window admits now, and a
+//!   client refilling it at the reported rate sees it refill as fast as it does;
+//! - `x-ratelimit-remaining-requests` is the reported limit minus the requests admitted over that
+//!   real window, so `limit - remaining` is the client's own recent sends, as at K = 1: that is how
+//!   a client (tower-aoai's pacer) infers which window the limit counts. Unscaled, it would point
+//!   to no window or the wrong one (a 1 s window read as 10 s: ten times too slow a pace).
+//!
+//! Admission is unchanged (the virtual windows decide); `azure-openai-deployment-utilization` is a
+//! percentage and not scaled. With K = 1 every header is as the scenario says.
 //!
 //! Outages: a refused connection is a connection closed without a response as soon as the
 //! request is read; a reset closes the connection after part of the answer (mid-stream for SSE,

@@ -1,9 +1,10 @@
 //! One test per behaviour of the pure model, in virtual time.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aoai_sim::{Model, Scenario, SimBody, SimRequest, SimResponse, Verdict};
 use http::StatusCode;
+use tower_aoai::policy::Pacer;
 use tower_aoai::policy::classify::{Outcome, ThrottleCause, classify_response};
 use tower_aoai::policy::hints::delay_hint;
 
@@ -857,4 +858,185 @@ fn a_request_too_long_for_the_ptu_spills_over_with_a_400_spillover_error() {
         m.handle(s(0.0), &chat("ptu", "gpt-4o-ptu", long)).status(),
         Some(400)
     );
+}
+
+/// The rate-limit headers of one success and of one throttled request (style `reset`) at time
+/// scale `k`: 60 RPM checked over 10 s windows, 1,000 TPM, each request 300 tokens.
+fn rate_headers(k: f64, requests_header: &str) -> (http::HeaderMap, http::HeaderMap) {
+    let mut m = model(&format!(
+        "[throttle_headers]\nboth = 0\nreset = 1\n{}",
+        one_deployment(&format!(
+            "tpm = 1000\nrpm = 60\nrpm_windows_s = [10]\nrequests_header = \"{requests_header}\""
+        ))
+    ));
+    m.set_time_scale(k);
+    let req = chat("east", "gpt-4o", body(400, 200, false));
+    let ok = answer(&m.handle(s(0.0), &req)).headers.clone();
+    for i in 1..3 {
+        assert_eq!(m.handle(s(f64::from(i)), &req).status(), Some(200));
+    }
+    // The window frees the first 300 tokens at 60 s of virtual time: 50 s from now.
+    let refused = m.handle(s(10.0), &req);
+    assert_eq!(answer(&refused).verdict, Verdict::TokenRate);
+    (ok, answer(&refused).headers.clone())
+}
+
+fn header_u64(h: &http::HeaderMap, name: &str) -> u64 {
+    h[name].to_str().unwrap().parse().unwrap()
+}
+
+fn header_ms(h: &http::HeaderMap, name: &str) -> u64 {
+    let v = h[name].to_str().unwrap();
+    v.strip_suffix("ms").unwrap().parse().unwrap()
+}
+
+#[test]
+fn time_scale_reports_rates_per_real_minute_and_durations_in_real_time() {
+    // Real time: the scenario's figures as they are.
+    let (ok, refused) = rate_headers(1.0, "window");
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-tokens"), 1000);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-tokens"), 700);
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-requests"), 10);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-requests"), 9);
+    assert_eq!(header_u64(&refused, "x-ratelimit-limit-tokens"), 1000);
+    assert_eq!(header_u64(&refused, "x-ratelimit-remaining-tokens"), 100);
+    let reset = header_ms(&refused, "x-ratelimit-reset-tokens");
+    assert!((49_000..=50_000).contains(&reset), "{reset}");
+    assert_eq!(header_ms(&refused, "x-ratelimit-reset-requests"), reset);
+
+    // Twice as fast: a real minute holds two virtual minutes (twice the tokens, twice the
+    // requests per 10 s), every duration is half as long, and what is left of the token window is
+    // the same count.
+    let (ok, refused) = rate_headers(2.0, "window");
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-tokens"), 2000);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-tokens"), 700);
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-requests"), 20);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-requests"), 19);
+    assert_eq!(header_u64(&refused, "x-ratelimit-limit-tokens"), 2000);
+    assert_eq!(header_u64(&refused, "x-ratelimit-remaining-tokens"), 100);
+    let half = header_ms(&refused, "x-ratelimit-reset-tokens");
+    assert!(half.abs_diff(reset / 2) <= 1, "{half} vs {reset} / 2");
+    assert_eq!(header_ms(&refused, "x-ratelimit-reset-requests"), half);
+
+    // Requests counted per minute: per real minute.
+    let (ok, _) = rate_headers(1.0, "minute");
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-requests"), 60);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-requests"), 59);
+    let (ok, refused) = rate_headers(2.0, "minute");
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-requests"), 120);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-requests"), 119);
+    // Three requests were admitted over the last real minute (the 429 is not counted).
+    assert_eq!(header_u64(&refused, "x-ratelimit-remaining-requests"), 117);
+}
+
+#[test]
+fn time_scale_counts_the_requests_left_over_the_real_window() {
+    // 60 RPM over 10 s windows at twice real time: the admission window is 10 virtual seconds
+    // (5 real ones) of 10 requests; the headers report 20 requests per 10 real seconds, and what
+    // is left of them counts the sends of the last 10 real seconds.
+    let mut m = model(&one_deployment(
+        "tpm = 1000000\nrpm = 60\nrpm_windows_s = [10]",
+    ));
+    m.set_time_scale(2.0);
+    let req = chat("east", "gpt-4o", body(4, 1, false));
+    let first = m.handle(s(0.0), &req);
+    assert_eq!(
+        header_u64(&answer(&first).headers, "x-ratelimit-remaining-requests"),
+        19
+    );
+    // 15 virtual seconds later (7.5 real): the first send has left the admission window but not
+    // the real 10 s one.
+    let second = m.handle(s(15.0), &req);
+    let h = &answer(&second).headers;
+    assert_eq!(header_u64(h, "x-ratelimit-limit-requests"), 20);
+    assert_eq!(header_u64(h, "x-ratelimit-remaining-requests"), 18);
+    // 10 real seconds after the first, it has left both.
+    let third = m.handle(s(20.0), &req);
+    assert_eq!(
+        header_u64(&answer(&third).headers, "x-ratelimit-remaining-requests"),
+        18
+    );
+    // Admission still counts virtual windows of 10: with the sends at 15 and 20 s, eight more fit.
+    for _ in 0..8 {
+        assert_eq!(m.handle(s(21.0), &req).status(), Some(200));
+    }
+    assert_eq!(m.handle(s(21.0), &req).status(), Some(429));
+}
+
+/// Paces `calls` requests with tower-aoai's default [`Pacer`] (rates learned from the headers, the
+/// request window inferred) against the model at time scale `k`, in the client's real time (the
+/// model's clock is `k` times it; answers arrive at once). Returns the pacer, the real time taken
+/// and the 429s.
+fn pace(toml: &str, k: f64, calls: usize) -> (Pacer, Duration, usize) {
+    let mut m = model(toml);
+    m.set_time_scale(k);
+    let body = body(400, 100, false);
+    let tokens = m.estimator().estimate(&body);
+    let req = chat("east", "gpt-4o", body);
+    let mut pacer = Pacer::default();
+    let start = Instant::now();
+    let mut now = start;
+    let mut throttled = 0;
+    for _ in 0..calls {
+        while let Err(wait) = pacer.check(now, tokens) {
+            now += wait;
+        }
+        let r = m.handle((now - start).mul_f64(k), &req);
+        let h = &answer(&r).headers;
+        if r.status() == Some(429) {
+            throttled += 1;
+            let hint = delay_hint(h, SystemTime::UNIX_EPOCH).map(|d| d.delay);
+            pacer.on_throttle(now, outcome(&r), hint);
+        }
+        pacer.on_response_to(now, now, h);
+    }
+    (pacer, now - start, throttled)
+}
+
+#[test]
+fn a_pacer_learns_the_real_time_rates_of_a_scaled_model() {
+    for k in [1.0, 2.0] {
+        for (window_s, requests_header) in [(1, "window"), (10, "window"), (10, "minute")] {
+            // 600 RPM, tokens to spare: the request rate is what binds.
+            let toml = one_deployment(&format!(
+                "tpm = 100000000\nrpm = 600\nrpm_windows_s = [{window_s}]\n\
+                 requests_header = \"{requests_header}\""
+            ));
+            let (pacer, took, throttled) = pace(&toml, k, 3000);
+            let case = format!("k = {k}, {window_s} s, {requests_header}");
+            let rpm = pacer.requests_per_minute().unwrap();
+            assert!((rpm - 600.0 * k).abs() < 1e-6, "{case}: learned {rpm} RPM");
+            let window = if requests_header == "minute" {
+                60
+            } else {
+                window_s
+            };
+            assert_eq!(
+                pacer.request_window(),
+                Duration::from_secs(window),
+                "{case}"
+            );
+            assert_eq!(pacer.tokens_per_minute(), Some(100_000_000.0 * k), "{case}");
+            // The learned pace is the simulated service's, in real time: 3,000 calls at 600 * k
+            // per real minute (at 97 %), within the few 429s of learning.
+            let expected = 3000.0 / (600.0 * k * 0.97) * 60.0;
+            let took = took.as_secs_f64();
+            assert!(
+                took < expected * 1.1 && took > expected * 0.8,
+                "{case}: {took:.1} s, expected about {expected:.1} s"
+            );
+            assert!(throttled <= 30, "{case}: {throttled} 429s");
+        }
+        // 6,000 TPM of 200-token requests, calls to spare: the token rate binds.
+        let toml = one_deployment("tpm = 6000\nrpm = 100000\nrpm_windows_s = [1]");
+        let (pacer, took, throttled) = pace(&toml, k, 300);
+        assert_eq!(pacer.tokens_per_minute(), Some(6000.0 * k), "k = {k}");
+        let expected = 300.0 * 200.0 / (6000.0 * k * 0.97) * 60.0;
+        let took = took.as_secs_f64();
+        assert!(
+            took < expected * 1.1 && took > expected * 0.8,
+            "k = {k}: {took:.1} s, expected about {expected:.1} s"
+        );
+        assert!(throttled <= 5, "k = {k}: {throttled} 429s");
+    }
 }

@@ -373,6 +373,30 @@ fn throttles_carry_scaled_hints_and_classify_correctly() {
 }
 
 #[test]
+fn rate_limit_headers_are_in_real_time() {
+    // 1,000,000 TPM and 600 RPM over 10 s windows (100 per 10 s): at twice real time a real
+    // minute holds twice the tokens and a real 10 s twice the requests; what is left of the token
+    // window is the same count.
+    let headers = |k: f64| {
+        let server = start(SCENARIO, k);
+        let path = "/r/east/openai/deployments/gpt-4o/chat/completions";
+        let r = send(&server, path, &[("api-key", "key-east")], CHAT).unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        let n = |name: &str| -> u64 { r.headers[name].to_str().unwrap().parse().unwrap() };
+        (
+            n("x-ratelimit-limit-tokens"),
+            n("x-ratelimit-remaining-tokens"),
+            n("x-ratelimit-limit-requests"),
+            n("x-ratelimit-remaining-requests"),
+        )
+    };
+    let (tokens, tokens_left, requests, requests_left) = headers(1.0);
+    assert_eq!((tokens, requests, requests_left), (1_000_000, 100, 99));
+    assert!(tokens_left < tokens);
+    assert_eq!(headers(2.0), (2_000_000, tokens_left, 200, 199));
+}
+
+#[test]
 fn outages_refuse_connections_and_reset_streams() {
     let toml = format!(
         "{SCENARIO}\n[[events]]\nkind = \"outage\"\nresource = \"east\"\nmode = \"refuse\"\nstart_s = 0\nend_s = 100000\n\

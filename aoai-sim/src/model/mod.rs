@@ -346,8 +346,9 @@ struct DeploymentState {
     kind: DeploymentKind,
     tpm: u64,
     request_windows: Vec<(Window, u64)>,
-    /// Requests over the last minute, with the RPM, when the headers report the minute.
-    minute: Option<(Window, u64)>,
+    /// The request counts `x-ratelimit-*-requests` report: the minute (with the RPM), or each
+    /// admission window; counted over windows of real time (see [`Model::set_time_scale`]).
+    reported: Vec<Reported>,
     tokens: Window,
     headers: ThrottleHeaders,
     spillover_to: Option<usize>,
@@ -415,6 +416,37 @@ pub struct Model {
     render_bodies: bool,
 }
 
+/// A request count that `x-ratelimit-*-requests` report, over a window of real time.
+#[derive(Debug)]
+struct Reported {
+    /// The window's length in real time (as the client reads it).
+    width: Duration,
+    /// The scenario's count per `width` of virtual time.
+    limit: u64,
+    /// Requests admitted over `width * time_scale` of virtual time.
+    window: Window,
+}
+
+impl Reported {
+    fn new(width: Duration, limit: u64) -> Self {
+        Self {
+            width,
+            limit,
+            window: Window::new(width),
+        }
+    }
+}
+
+/// `amount` per some length of virtual time as the amount per the same length of real time, which
+/// holds `time_scale` times as much virtual time.
+fn per_real_time(amount: u64, time_scale: f64) -> u64 {
+    if time_scale == 1.0 {
+        return amount;
+    }
+    // `as` saturates: a huge quota stays `u64::MAX`.
+    (amount as f64 * time_scale).round() as u64
+}
+
 fn secs(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
@@ -456,34 +488,38 @@ impl Model {
                     .deployments
                     .iter()
                     .map(|d| {
-                        let rpm = d.requests_per_minute();
+                        // Standard deployments: `rpm * window / 60` requests (at least 1) per
+                        // window.
+                        let rpm = d
+                            .requests_per_minute()
+                            .filter(|_| d.kind == DeploymentKind::Standard);
+                        let counts: Vec<(Duration, u64)> = rpm.map_or_else(Vec::new, |rpm| {
+                            d.rpm_windows_s
+                                .iter()
+                                .map(|w| {
+                                    let limit = (rpm * f64::from(*w) / 60.0).floor().max(1.0);
+                                    (Duration::from_secs(u64::from(*w)), limit as u64)
+                                })
+                                .collect()
+                        });
                         DeploymentState {
                             name: d.name.clone(),
                             name_header: header(&d.name),
                             model: d.model_name().to_string(),
                             kind: d.kind,
                             tpm: d.tpm,
-                            request_windows: match rpm {
-                                Some(rpm) if d.kind == DeploymentKind::Standard => d
-                                    .rpm_windows_s
-                                    .iter()
-                                    .map(|w| {
-                                        let limit = (rpm * f64::from(*w) / 60.0).floor().max(1.0);
-                                        (
-                                            Window::new(Duration::from_secs(u64::from(*w))),
-                                            limit as u64,
-                                        )
-                                    })
-                                    .collect(),
-                                _ => Vec::new(),
-                            },
-                            minute: match (rpm, d.requests_header) {
-                                (Some(rpm), RequestsHeader::Minute)
-                                    if d.kind == DeploymentKind::Standard =>
-                                {
-                                    Some((Window::new(Duration::from_secs(60)), rpm as u64))
+                            request_windows: counts
+                                .iter()
+                                .map(|&(width, limit)| (Window::new(width), limit))
+                                .collect(),
+                            reported: match (rpm, d.requests_header) {
+                                (Some(rpm), RequestsHeader::Minute) => {
+                                    vec![Reported::new(Duration::from_secs(60), rpm as u64)]
                                 }
-                                _ => None,
+                                _ => counts
+                                    .iter()
+                                    .map(|&(width, limit)| Reported::new(width, limit))
+                                    .collect(),
                             },
                             tokens: Window::new(Duration::from_secs(60)),
                             headers: d.throttle_headers.unwrap_or(scenario.throttle_headers),
@@ -555,11 +591,34 @@ impl Model {
         })
     }
 
-    /// Sets how much faster than real time the HTTP server runs: delay headers and "retry after N
-    /// seconds" messages are divided by it, so a client honouring them waits the compressed time.
+    /// Sets how much faster than real time the HTTP server runs (`k`), so that every header is
+    /// true in the client's real time (call it before the first request: the request counts the
+    /// headers report restart):
+    /// - durations are divided by `k`: `retry-after-ms`, `retry-after`, `x-ratelimit-reset-*` and
+    ///   the "retry after N seconds" of messages, so a client honouring them waits the
+    ///   compressed time;
+    /// - rates are multiplied by `k` (rounded): `x-ratelimit-limit-tokens` is tokens per real
+    ///   minute, which holds `k` virtual minutes, and `x-ratelimit-limit-requests` counts the
+    ///   requests of a real window as long as the virtual one it reports (60 s, or the admission
+    ///   window, e.g. 10 s);
+    /// - `x-ratelimit-remaining-tokens` is the count the token window admits now, unchanged: a
+    ///   client that refills it at the reported rate sees it refill as fast as it does;
+    /// - `x-ratelimit-remaining-requests` is the reported limit minus the requests admitted over
+    ///   that real window (the last `k` virtual windows), so that `limit - remaining` counts the
+    ///   client's own recent sends as it does at `k = 1` (how clients infer which window the
+    ///   limit counts). Admission itself is unchanged: the virtual windows decide.
+    ///
+    /// With `k = 1` every header is as the scenario says.
     pub fn set_time_scale(&mut self, time_scale: f64) {
         if time_scale.is_finite() && time_scale > 0.0 {
             self.time_scale = time_scale;
+            for res in &mut self.resources {
+                for d in &mut res.deployments {
+                    for r in &mut d.reported {
+                        r.window = Window::new(r.width.mul_f64(time_scale));
+                    }
+                }
+            }
         }
     }
 
@@ -1200,29 +1259,33 @@ impl Model {
         for (window, _) in &mut d.request_windows {
             window.add(now, 1);
         }
-        if let Some((window, _)) = &mut d.minute {
-            window.add(now, 1);
+        for r in &mut d.reported {
+            r.window.add(now, 1);
         }
         d.tokens.add(now, estimate);
     }
 
     fn remaining_headers(&mut self, now: Duration, ri: usize, di: usize, headers: &mut HeaderMap) {
+        let k = self.time_scale;
         let d = &mut self.resources[ri].deployments[di];
         let tokens_used = d.tokens.total(now);
         headers.insert(
             "x-ratelimit-remaining-tokens",
             HeaderValue::from(d.tpm.saturating_sub(tokens_used)),
         );
-        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(d.tpm));
+        headers.insert(
+            "x-ratelimit-limit-tokens",
+            HeaderValue::from(per_real_time(d.tpm, k)),
+        );
         // The per-minute quota, or the tightest request window, as the setting says.
-        let counted = match &mut d.minute {
-            Some((w, limit)) => Some((limit.saturating_sub(w.total(now)), *limit)),
-            None => d
-                .request_windows
-                .iter_mut()
-                .map(|(w, limit)| (limit.saturating_sub(w.total(now)), *limit))
-                .min(),
-        };
+        let counted = d
+            .reported
+            .iter_mut()
+            .map(|r| {
+                let limit = per_real_time(r.limit, k).max(1);
+                (limit.saturating_sub(r.window.total(now)), limit)
+            })
+            .min();
         if let Some((remaining, limit)) = counted {
             headers.insert(
                 "x-ratelimit-remaining-requests",
