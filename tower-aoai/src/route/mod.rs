@@ -22,7 +22,9 @@
 //! - a call slower than its backend's p95 time to response headers is **hedged** to a different
 //!   usable backend with room, within a 5 % budget; the first answer that ends the call wins and
 //!   the other attempt is dropped (connection closed, permit released). Once response headers are
-//!   handed up the call is committed: streams are never hedged or failed over mid-body.
+//!   handed up the call is committed: streams are never hedged or failed over mid-body;
+//! - a success whose body then breaks off (a reset mid-stream) is a failure for its backend's
+//!   breaker, reported by the [`RouteBody`] once; a body read to its end or dropped is not.
 //!
 //! # With the retry layer
 //!
@@ -80,10 +82,12 @@
 //! # Ok(()) }
 //! ```
 
+mod body;
 mod layer;
 mod service;
 
 pub use crate::future::ResponseFuture;
+pub use body::RouteBody;
 pub use layer::{Headroom, RouteLayer};
 pub use service::{NoBackendError, Route};
 

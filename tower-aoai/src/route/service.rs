@@ -11,14 +11,15 @@ use http_body::Body;
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
+use super::RouteBody;
 use super::layer::Shared;
 use crate::driver::{now, rewrite_request, transport_error};
 use crate::future::ResponseFuture;
 use crate::policy::classify::{self, Outcome, TransportError};
 use crate::policy::route::{BackendId, BlockedError, Pick, RouteStats, Step, SupportRecord};
 use crate::policy::stats::Attempt;
+use crate::retry::Deadline;
 use crate::retry::body::Classified;
-use crate::retry::{Deadline, RetryBody};
 
 /// Routes each call to one of several backends, fails over and hedges. See the
 /// [module docs](crate::route).
@@ -95,7 +96,7 @@ where
     ResBody: Body<Data = Bytes> + Send + Unpin + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<RetryBody<ResBody>>;
+    type Response = Response<RouteBody<ResBody>>;
     type Error = BoxError;
     type Future = ResponseFuture<Self::Response>;
 
@@ -110,7 +111,7 @@ where
     }
 }
 
-type Res<ResBody> = Result<Response<RetryBody<ResBody>>, BoxError>;
+type Res<ResBody> = Result<Response<RouteBody<ResBody>>, BoxError>;
 
 /// One attempt's end: its outcome, what the router says follows, and the response or error.
 struct Finished<ResBody> {
@@ -323,7 +324,15 @@ where
                                 c.wall,
                             )
                         });
-                        (c.class, Ok(c.response), record)
+                        // Only a success's body is watched: an error was counted on its
+                        // headers, and how its body ends says nothing more of the backend.
+                        let response = if c.class.outcome == Outcome::Success {
+                            let shared = guard.shared.clone();
+                            c.response.map(|body| RouteBody::watched(body, shared, id))
+                        } else {
+                            c.response.map(RouteBody::unwatched)
+                        };
+                        (c.class, Ok(response), record)
                     }
                     Err(e) => (
                         classify::classify_error(TransportError::Connect),

@@ -658,3 +658,242 @@ async fn the_full_stack_runs_over_a_hyper_client() {
         "bodies ended: permits back"
     );
 }
+
+/// A response body played from a script: data chunks, or a transport error (a reset stream).
+struct Frames(std::collections::VecDeque<Result<&'static str, &'static str>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|f| match f {
+            Ok(data) => Ok(http_body::Frame::data(Bytes::from_static(data.as_bytes()))),
+            Err(e) => Err(e.into()),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A client whose 200 streams from `a.example` break after their first chunk while `broken` is
+/// set (and are read to their end otherwise); every other host's streams end. Records each host.
+fn streaming(
+    hits: Arc<Mutex<Vec<String>>>,
+    broken: Arc<AtomicBool>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Frames>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    service_fn(move |req: Request<Full<Bytes>>| {
+        let host = req.uri().host().unwrap_or_default().to_owned();
+        hits.lock().unwrap().push(host.clone());
+        let frames = if host == "a.example" && broken.load(Ordering::SeqCst) {
+            vec![
+                Ok("data: 1\n\n"),
+                Err("connection reset"),
+                Err("connection reset"),
+            ]
+        } else {
+            vec![Ok("data: 1\n\n"), Ok("data: [DONE]\n\n")]
+        };
+        let res = Response::builder()
+            .header("x-served-by", host)
+            .body(Frames(frames.into()))
+            .unwrap();
+        async move { Ok::<_, Infallible>(res) }
+    })
+}
+
+/// Reads a body to its end: its data, and how many errors it yielded on the way.
+async fn drain<B>(mut body: B) -> (Vec<u8>, usize)
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let (mut data, mut errors) = (Vec::new(), 0);
+    while let Some(frame) = body.frame().await {
+        match frame.map(|f| f.into_data()) {
+            Ok(Ok(chunk)) => data.extend_from_slice(&chunk),
+            Ok(Err(_trailers)) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    (data, errors)
+}
+
+/// The layers composed by hand, as the crate docs show them: retry over the route over a limiter
+/// per backend. Returns the route too, for its stats.
+fn composed(
+    layer: &RouteLayer,
+    client: impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Frames>,
+        Error = Infallible,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> (
+    impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError> + Unpin>,
+        Error = BoxError,
+    > + Clone,
+    super::Route<impl Sized>,
+) {
+    use tower::Layer;
+    let n = layer.inspect(|r| r.backends().len());
+    let limited = (0..n)
+        .map(|_| crate::AdaptiveConcurrencyLayer::default().layer(client.clone()))
+        .collect();
+    let route = layer.layer_each(limited);
+    (crate::RetryLayer::default().layer(route.clone()), route)
+}
+
+fn count(hits: &Mutex<Vec<String>>, host: &str) -> usize {
+    hits.lock().unwrap().iter().filter(|h| *h == host).count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_whose_streams_break_is_passed_over_by_its_breaker() {
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let broken = Arc::new(AtomicBool::new(true));
+    let layer = layer(vec![backend("a", 0), backend("b", 1)], no_hedge());
+    let (svc, route) = composed(&layer, streaming(hits.clone(), broken));
+    let a = layer.inspect(|r| r.backends().find("a").unwrap());
+    // Default breaker: open at >= 50 % failures among >= 5 results. Each broken stream is a
+    // success on its headers and a failure on its body, so the third one opens it (3 of 6).
+    for i in 0..3 {
+        assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed, "{i}");
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(served_by(&res), "a.example");
+        let (data, errors) = drain(res.into_body()).await;
+        assert_eq!(&data[..], b"data: 1\n\n");
+        assert_eq!(errors, 2, "the reset reaches the caller");
+    }
+    assert!(
+        matches!(layer.inspect(|r| r.breaker(a)), BreakerState::Open { .. }),
+        "each broken stream was reported once: {:?}",
+        layer.inspect(|r| r.breaker(a))
+    );
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(served_by(&res), "b.example");
+        let (data, errors) = drain(res.into_body()).await;
+        assert_eq!(
+            (&data[..], errors),
+            (&b"data: 1\n\ndata: [DONE]\n\n"[..], 0)
+        );
+    }
+    assert_eq!(
+        (count(&hits, "a.example"), count(&hits, "b.example")),
+        (3, 5)
+    );
+    let stats = route.stats();
+    assert_eq!(
+        (stats.calls, stats.attempts, stats.cancelled),
+        (8, 8, 0),
+        "nothing more was sent to a, not even to fail over"
+    );
+    assert_eq!(layer.inspect(|r| r.in_flight(a)), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_read_to_their_end_or_dropped_leave_the_breaker_closed() {
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let broken = Arc::new(AtomicBool::new(false));
+    let layer = layer(vec![backend("a", 0), backend("b", 1)], no_hedge());
+    let (svc, route) = composed(&layer, streaming(hits.clone(), broken.clone()));
+    let a = layer.inspect(|r| r.backends().find("a").unwrap());
+    // Three of each, in a row, each three alone in the breaker's 60 s window: three failures in
+    // a row would open it (3 of 6).
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(served_by(&res), "a.example");
+        drop(res); // unread
+    }
+    assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..3 {
+        // The caller stops reading after the first chunk.
+        let mut body = svc
+            .clone()
+            .oneshot(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"data: 1\n\n");
+        drop(body);
+    }
+    assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        let (data, errors) = drain(res.into_body()).await;
+        assert_eq!(
+            (&data[..], errors),
+            (&b"data: 1\n\ndata: [DONE]\n\n"[..], 0)
+        );
+    }
+    assert_eq!(layer.inspect(|r| r.breaker(a)), BreakerState::Closed);
+    let res = svc.clone().oneshot(request(None)).await.unwrap();
+    assert_eq!(served_by(&res), "a.example");
+    drop(res);
+    assert_eq!(count(&hits, "a.example"), 10);
+    assert_eq!(count(&hits, "b.example"), 0);
+    assert_eq!((route.stats().calls, route.stats().attempts), (10, 10));
+
+    // The same number of broken streams, in a window of their own, does open it: the route
+    // reports breaks, and only breaks.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    broken.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(served_by(&res), "a.example");
+        assert_eq!(drain(res.into_body()).await.1, 2);
+    }
+    assert!(matches!(
+        layer.inspect(|r| r.breaker(a)),
+        BreakerState::Open { .. }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_a_successs_body_is_watched() {
+    let client = service_fn(|req: Request<Full<Bytes>>| async move {
+        let status = if req.uri().host() == Some("a.example") {
+            400
+        } else {
+            200
+        };
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(status)
+                .header("x-served-by", req.uri().host().unwrap_or_default())
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+    });
+    for (name, watched) in [("a", false), ("b", true)] {
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer(vec![backend(name, 0)], no_hedge()))
+            .service(client);
+        let res = svc.oneshot(request(None)).await.unwrap();
+        assert_eq!(res.body().is_watched(), watched, "{name}");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{}", "{name}: the body is handed up whole");
+    }
+}
