@@ -26,7 +26,8 @@ enum Command {
         /// The port (0: any free port).
         #[arg(long, default_value_t = 0)]
         port: u16,
-        /// How much faster than real time the simulated clock runs.
+        /// How much faster than real time the simulated clock runs (delays in headers are
+        /// divided by it, rate limits multiplied: headers are in real time).
         #[arg(long, default_value_t = 1.0)]
         time_scale: f64,
         /// Worker threads.

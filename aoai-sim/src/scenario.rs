@@ -115,7 +115,8 @@ pub struct ThrottleHeaders {
     /// Weight of `retry-after` (whole seconds) alone.
     #[serde(default)]
     pub retry_after: f64,
-    /// Weight of `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens` (durations like `6s`).
+    /// Weight of `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens` (durations like
+    /// `6000ms`, in real time: divided by the server's time scale).
     #[serde(default)]
     pub reset: f64,
     /// Weight of no delay header at all.
