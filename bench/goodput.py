@@ -58,10 +58,10 @@ class Setting:
     targets: tuple[str, ...] = ()
 
 
-#: Client-side clocks (pacing learned from x-ratelimit headers, slow start, cooldowns, backoff) run
-#: in real time, so a time scale K makes every client K times slower in virtual time: scales stay
-#: low (1-2) where the scenario is about rates, and the contenders run side by side (each on its
-#: own fresh simulator) to keep the wall time down.
+#: Client-side clocks (slow start, cooldowns, backoff) run in real time, so a time scale K makes
+#: them K times slower in virtual time (the simulator reports its rate limits per real minute, so
+#: a pace learned from x-ratelimit headers is not slowed): scales stay low (1-2), and the
+#: contenders run side by side (each on its own fresh simulator) to keep the wall time down.
 SETTINGS: dict[str, Setting] = {
     # The first burst after idle (80 calls in 3 s); the block it trips lasts an hour, so every
     # later burst of the scenario would fail the same way for a client that tripped it.
