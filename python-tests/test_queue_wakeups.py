@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -185,3 +186,112 @@ async def test_async_a_cancel_in_the_same_turn_as_the_wake_is_not_lost(server: S
     assert len(server.hits) == 2  # the first call and the following one; the cancelled sent nothing
     gauges = transport.stats()["backends"]["default"]["gauges"]
     assert (gauges["in_flight"], gauges["queue_depth"]) == (0, 0)
+
+
+class _OpenBody(httpx2.AsyncByteStream):
+    """A success's body that stays unread (and so holds the call's permit) until it is closed."""
+
+    async def __aiter__(self) -> Any:
+        yield b"{}"
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _unread_bodies() -> Any:
+    """An inner transport answering every request at once with a 200 whose body is still open:
+    no I/O, so a call that does not wait for its permit ends within a few loop turns."""
+    return httpx2.MockTransport(lambda request: httpx2.Response(200, stream=_OpenBody()))
+
+
+async def _turns_until_done(task: asyncio.Future[Any], turns: int = 200) -> bool:
+    """Whether `task` ends within a bounded number of loop turns (no sleeping)."""
+    for _ in range(turns):
+        if task.done():
+            return True
+        await asyncio.sleep(0)
+    return task.done()
+
+
+async def test_async_an_attempt_ending_as_a_call_joins_the_line_is_not_lost() -> None:
+    # The call holding the only permit releases it (its body closed on another thread, or
+    # collected) after the next call saw it held and before that call stood in line. The release
+    # found nobody to wake; the queued call must notice rather than wait for the engine's recheck
+    # (1 s) with the permit free.
+    transport = tower_aoai.AsyncTransport(_unread_bodies(), **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    first = await transport.handle_async_request(httpx2.Request("POST", "http://aoai.example" + URL, content=BODY))
+    leased: Any = first.stream  # the transport's LeasedStream, which holds the permit
+    released = threading.Thread(target=leased.close)
+
+    class ReleasedAsItJoins(deque[Any]):
+        def append(self, waiter: Any) -> None:
+            if released.ident is None:
+                released.start()
+                released.join()
+            super().append(waiter)
+
+    transport._waiters = ReleasedAsItJoins()
+    second = asyncio.ensure_future(
+        transport.handle_async_request(httpx2.Request("POST", "http://aoai.example" + URL, content=BODY))
+    )
+    try:
+        assert await _turns_until_done(second), "the queued call waits for the recheck with the permit free"
+        assert (await second).status_code == 200
+    finally:
+        second.cancel()
+    assert released.ident is not None, "the call queued"
+    assert waits == [False], waits
+    await (await second).aclose()
+    gauges = transport.stats()["backends"]["default"]["gauges"]
+    assert (gauges["in_flight"], gauges["queue_depth"]) == (0, 0)
+    assert not transport._waiters
+
+
+async def test_async_a_wake_skips_a_waiter_whose_loop_was_closed() -> None:
+    # A call queued on another event loop that was closed with the call still in line (a
+    # transport shared across loops): a returned permit wakes the next live call instead of
+    # failing the call that returned it with "Event loop is closed".
+    transport = tower_aoai.AsyncTransport(_unread_bodies(), **ONE_PERMIT)
+    waits = count_queue_waits(transport)
+    first = await transport.handle_async_request(httpx2.Request("POST", "http://aoai.example" + URL, content=BODY))
+    dead = asyncio.new_event_loop()
+    stale = dead.create_future()
+    dead.close()
+    transport._waiters.append(stale)
+    second = asyncio.ensure_future(
+        transport.handle_async_request(httpx2.Request("POST", "http://aoai.example" + URL, content=BODY))
+    )
+    for _ in range(200):
+        if len(transport._waiters) == 2:
+            break
+        await asyncio.sleep(0)
+    assert len(transport._waiters) == 2
+    await first.aclose()  # raised RuntimeError("Event loop is closed") before
+    try:
+        assert await _turns_until_done(second), "the live call was not woken"
+    finally:
+        second.cancel()
+    assert waits == [True], waits
+    await (await second).aclose()
+    assert not transport._waiters
+
+
+async def test_async_a_wake_racing_another_for_the_last_waiter_returns_quietly() -> None:
+    # Two attempts end at once on two threads and both look for a call to wake: the one whose
+    # pop comes after the other took the last waiter wakes nobody, and raises nothing (it raised
+    # IndexError, pop from an empty deque, into the call whose attempt ended).
+    transport = tower_aoai.AsyncTransport(_unread_bodies(), **ONE_PERMIT)
+    waiter = asyncio.get_running_loop().create_future()
+    taken: list[Any] = []
+
+    class TakenInBetween(deque[Any]):
+        def popleft(self) -> Any:
+            if not taken:
+                taken.append(super().popleft())  # the other thread's `_wake_one`, just before
+            return super().popleft()
+
+    transport._waiters = TakenInBetween([waiter])
+    transport._attempt_ended()
+    assert taken == [waiter]
+    assert not transport._waiters

@@ -822,7 +822,7 @@ class AsyncDriver(_Base):
                 _log_wait(request, "queueing for a permit up to", value)
                 if self._ends == seen:
                     try:
-                        woken = await self._queue(value, front=woken)
+                        woken = await self._queue(value, seen, front=woken)
                     except BaseException:
                         call.forget()  # it leaves the queue (queue_depth) now, not when collected
                         raise
@@ -831,9 +831,11 @@ class AsyncDriver(_Base):
                 logger.info("%s: %s", _where(request), value.message)
                 raise _failure_error(value)
 
-    async def _queue(self, timeout: float, front: bool) -> bool:
+    async def _queue(self, timeout: float, seen: int, front: bool) -> bool:
         """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
         A call woken that must queue again goes back to the front (`front`), keeping its place.
+        An attempt that ended since the engine was asked (`seen`, the count of ends then) and
+        before the call stood in line may have found nobody to wake: the call looks again at once.
 
         The waiter is resolved by whichever comes first, the wake (`True`) or its own timer
         (`False`), and awaited as it is: not through `asyncio.wait_for`, which before Python 3.12
@@ -845,8 +847,20 @@ class AsyncDriver(_Base):
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
-        timer = loop.call_later(timeout, _resolve, waiter, False)
         woken = False
+        if self._ends != seen:
+            # An attempt ended between the caller's look at `_ends` and the line above: on another
+            # thread (a body released there), or here (a body garbage-collected as the waiter was
+            # made). Its `_attempt_ended` looked at the line before this call stood in it, or woke
+            # it: either way the call looks at the engine again, and a wake sent to the (now
+            # cancelled) waiter goes on to the next in line.
+            waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass  # `_wake_one` took it out of the line
+            return False
+        timer = loop.call_later(timeout, _resolve, waiter, False)
         try:
             woken = await waiter
             return woken
@@ -864,11 +878,19 @@ class AsyncDriver(_Base):
 
     def _wake_one(self) -> None:
         """Wakes the first call in line that still waits, if any (on its own loop)."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.get_loop().call_soon_threadsafe(self._wake, waiter)
+        while True:
+            try:
+                # Not `while self._waiters`: another thread may take the last one in between.
+                waiter = self._waiters.popleft()
+            except IndexError:
                 return
+            if waiter.done():
+                continue
+            try:
+                waiter.get_loop().call_soon_threadsafe(self._wake, waiter)
+            except RuntimeError:
+                continue  # its loop was closed with the call still queued: nobody to wake there
+            return
 
     def _wake(self, waiter: asyncio.Future[bool]) -> None:
         if waiter.done():
