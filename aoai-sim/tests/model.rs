@@ -1040,3 +1040,25 @@ fn a_pacer_learns_the_real_time_rates_of_a_scaled_model() {
         assert!(throttled <= 5, "k = {k}: {throttled} 429s");
     }
 }
+
+#[test]
+fn extreme_time_scales_answer_without_panicking() {
+    // `set_time_scale` takes any finite positive K (the server checks its own range; a library
+    // user need not): a real window of K x 10 s or a delay of 50 s / K past `Duration::MAX` is
+    // written as the longest there is, not a panic.
+    for k in [1e-300, 1e-12, 1e18, 1e300, f64::MAX] {
+        let (ok, refused) = rate_headers(k, "window");
+        assert!(header_u64(&ok, "x-ratelimit-limit-requests") >= 1, "{k}");
+        assert!(
+            header_u64(&ok, "x-ratelimit-remaining-requests")
+                < header_u64(&ok, "x-ratelimit-limit-requests"),
+            "{k}: the request just admitted is counted"
+        );
+        let reset = header_ms(&refused, "x-ratelimit-reset-tokens");
+        if k < 1.0 {
+            assert!(reset >= 50_000, "{k}: {reset}");
+        } else {
+            assert_eq!(reset, 1, "{k}: at least a millisecond");
+        }
+    }
+}

@@ -615,7 +615,8 @@ impl Model {
             for res in &mut self.resources {
                 for d in &mut res.deployments {
                     for r in &mut d.reported {
-                        r.window = Window::new(r.width.mul_f64(time_scale));
+                        // `secs` saturates: a huge K's window is the longest there is.
+                        r.window = Window::new(secs(r.width.as_secs_f64() * time_scale));
                     }
                 }
             }
@@ -1347,7 +1348,8 @@ impl Model {
 
     /// The delay as the client must see it: divided by the time scale.
     fn scaled(&self, delay: Duration) -> Duration {
-        delay.div_f64(self.time_scale)
+        // `secs` saturates: a tiny K's delay is the longest there is, not a panic.
+        secs(delay.as_secs_f64() / self.time_scale)
     }
 
     fn message_seconds(&self, delay: Duration) -> u64 {
