@@ -853,13 +853,14 @@ class AsyncDriver(_Base):
             # thread (a body released there), or here (a body garbage-collected as the waiter was
             # made). Its `_attempt_ended` looked at the line before this call stood in it, or woke
             # it: either way the call looks at the engine again, and a wake sent to the (now
-            # cancelled) waiter goes on to the next in line.
+            # cancelled) waiter goes on to the next in line. A call woken before (`front`) is
+            # still the woken one, as when the caller skips the wait on seeing the end itself.
             waiter.cancel()
             try:
                 self._waiters.remove(waiter)
             except ValueError:
                 pass  # `_wake_one` took it out of the line
-            return False
+            return front
         timer = loop.call_later(timeout, _resolve, waiter, False)
         try:
             woken = await waiter
