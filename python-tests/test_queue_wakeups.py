@@ -174,7 +174,7 @@ async def test_async_a_cancel_in_the_same_turn_as_the_wake_is_not_lost(server: S
                 asyncio.get_running_loop().call_soon(cancelled.cancel)
             wake(waiter)
 
-        transport._wake = wake_then_cancel
+        transport._wake = wake_then_cancel  # type: ignore[method-assign]
         await first.aclose()  # the permit goes back and wakes the first in line
         with pytest.raises(asyncio.CancelledError):
             await cancelled

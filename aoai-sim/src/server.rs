@@ -163,6 +163,17 @@ impl Shared {
     }
 }
 
+/// The time scales a server accepts: from a million times slower than real time to a million
+/// times faster (beyond, the real durations of the model's delays overflow or vanish).
+fn check_time_scale(time_scale: f64) -> Result<(), ServeError> {
+    if time_scale.is_finite() && (1e-6..=1e6).contains(&time_scale) {
+        return Ok(());
+    }
+    Err(ServeError::Options(format!(
+        "time_scale must be in [1e-6, 1e6], got {time_scale}"
+    )))
+}
+
 /// Starts servers.
 #[derive(Debug, Clone, Copy)]
 pub struct Server;
@@ -171,15 +182,7 @@ impl Server {
     /// Binds 127.0.0.1:`port` and serves the scenario on a thread of its own, with its own tokio
     /// runtime (no ambient runtime needed). Stops when the handle is stopped or dropped.
     pub fn start(scenario: &Scenario, options: ServeOptions) -> Result<ServerHandle, ServeError> {
-        if !(options.time_scale.is_finite()
-            && options.time_scale > 0.0
-            && options.time_scale <= 1e6)
-        {
-            return Err(ServeError::Options(format!(
-                "time_scale must be in (0, 1e6], got {}",
-                options.time_scale
-            )));
-        }
+        check_time_scale(options.time_scale)?;
         if options.threads == 0 || options.threads > 64 {
             return Err(ServeError::Options(format!(
                 "threads must be between 1 and 64, got {}",
@@ -303,6 +306,7 @@ pub async fn serve_scenario(
     time_scale: f64,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    check_time_scale(time_scale)?;
     let mut model = Model::new(scenario).map_err(ServeError::Scenario)?;
     model.set_time_scale(time_scale);
     let shared = Arc::new(Shared {

@@ -441,6 +441,15 @@ fn bad_options_are_refused() {
             time_scale: 0.0,
             ..ServeOptions::default()
         },
+        // So slow that the model's delays overflow in real time.
+        ServeOptions {
+            time_scale: 1e-300,
+            ..ServeOptions::default()
+        },
+        ServeOptions {
+            time_scale: f64::NAN,
+            ..ServeOptions::default()
+        },
         ServeOptions {
             threads: 0,
             ..ServeOptions::default()
@@ -448,6 +457,19 @@ fn bad_options_are_refused() {
     ] {
         assert!(Server::start(&scenario, options).is_err());
     }
+    // `serve_scenario` (inside a caller's runtime) checks the scale too, and names it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        aoai_sim::server::serve_scenario(listener, &scenario, 1e-300, async {}).await
+    });
+    let error = refused.expect_err("a time scale of 1e-300 is refused");
+    assert!(error.to_string().contains("time_scale"), "{error}");
 }
 
 #[test]
