@@ -4,7 +4,7 @@ Two figures, best of 5 rounds (run against a release build: ``maturin develop --
 
 - the Rust calls a no-wait, successful call makes (``Engine.start`` with the body for the token
   estimate, ``Call.next``, ``Call.needs_body``, ``Attempt.on_response_streamed``, and the
-  ``Lease.finish`` at the body's end; plus ``Attempt.rewrite`` with backends);
+  ``Lease.finish`` at the body's end; plus ``Attempt.plan`` with backends);
 - ``Transport.handle_request`` over an inner transport that returns a fresh in-memory response,
   read and closed as the SDK does (the read ends the lease): the whole Python + Rust overhead of
   the transport; and the same for ``AsyncTransport.handle_async_request`` on one event loop.
@@ -41,7 +41,7 @@ def rust_calls(engine: tower_aoai.Engine, rewrite: bool, lease: bool = True) -> 
     step, attempt = call.next()
     assert isinstance(attempt, tower_aoai.Attempt), step
     if rewrite:
-        attempt.rewrite(URL, HEADERS, BODY)
+        attempt.plan(URL, BODY)
     tower_aoai.Call.needs_body(200)
     if not lease:
         attempt.on_response(200, HEADERS)
