@@ -671,11 +671,12 @@ class SyncDriver(_Base):
     def _queue(self, timeout: float, seen: int, front: bool) -> bool:
         """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
         A call woken that must queue again goes back to the front (`front`), keeping its place.
-        An attempt that ended since the call looked (`seen`) means no wait: it looks again."""
+        An attempt that ended since the call looked (`seen`) means no wait: it looks again, still
+        the woken one if it was (`front`)."""
         waiter = threading.Event()
         with self._ended:
             if self._ends != seen:
-                return False
+                return front
             if front:
                 self._waiters.appendleft(waiter)
             else:
@@ -820,12 +821,11 @@ class AsyncDriver(_Base):
             elif step == "queue":
                 assert isinstance(value, float)
                 _log_wait(request, "queueing for a permit up to", value)
-                if self._ends == seen:
-                    try:
-                        woken = await self._queue(value, seen, front=woken)
-                    except BaseException:
-                        call.forget()  # it leaves the queue (queue_depth) now, not when collected
-                        raise
+                try:
+                    woken = await self._queue(value, seen, front=woken)
+                except BaseException:
+                    call.forget()  # it leaves the queue (queue_depth) now, not when collected
+                    raise
             else:
                 assert isinstance(value, Failure)
                 logger.info("%s: %s", _where(request), value.message)
@@ -834,8 +834,9 @@ class AsyncDriver(_Base):
     async def _queue(self, timeout: float, seen: int, front: bool) -> bool:
         """Waits in line for a permit, at most `timeout` s; whether a returned permit woke it.
         A call woken that must queue again goes back to the front (`front`), keeping its place.
-        An attempt that ended since the engine was asked (`seen`, the count of ends then) and
-        before the call stood in line may have found nobody to wake: the call looks again at once.
+        An attempt that ended since the engine was asked (`seen`, the count of ends then) may have
+        found nobody in line to wake: the call does not wait but looks again, still the woken one
+        if it was (`front`), as the sync `_queue` does.
 
         The waiter is resolved by whichever comes first, the wake (`True`) or its own timer
         (`False`), and awaited as it is: not through `asyncio.wait_for`, which before Python 3.12
@@ -848,21 +849,15 @@ class AsyncDriver(_Base):
         else:
             self._waiters.append(waiter)
         woken = False
-        if self._ends != seen:
-            # An attempt ended between the caller's look at `_ends` and the line above: on another
-            # thread (a body released there), or here (a body garbage-collected as the waiter was
-            # made). Its `_attempt_ended` looked at the line before this call stood in it, or woke
-            # it: either way the call looks at the engine again, and a wake sent to the (now
-            # cancelled) waiter goes on to the next in line. A call woken before (`front`) is
-            # still the woken one, as when the caller skips the wait on seeing the end itself.
-            waiter.cancel()
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                pass  # `_wake_one` took it out of the line
-            return front
-        timer = loop.call_later(timeout, _resolve, waiter, False)
+        timer = None
         try:
+            # Compared after standing in line: an end on another thread, or one here (a body
+            # garbage-collected as the waiter was made), either saw this call in line and woke
+            # it, or moved `_ends`. A wake sent to the cancelled waiter goes on to the next.
+            if self._ends != seen:
+                waiter.cancel()
+                return front
+            timer = loop.call_later(timeout, _resolve, waiter, False)
             woken = await waiter
             return woken
         except BaseException:
@@ -870,7 +865,8 @@ class AsyncDriver(_Base):
                 self._wake_one()  # woken, then cancelled: the next in line gets the wake
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not woken:
                 try:
                     self._waiters.remove(waiter)
