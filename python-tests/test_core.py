@@ -255,3 +255,57 @@ def test_a_rewrite_plan_replaces_every_caller_secret_and_keeps_the_other_headers
             (b"api-key", b"EAST-KEY"),
         ], triples
     attempt.cancel()
+
+
+def test_a_rewritten_request_matches_one_built_by_httpx() -> None:
+    """`_rewrite` builds its copy without httpx's constructors (and hands the plan the path and
+    query alone): the copy must be what `httpx2.Request` would build from the same parts, its
+    headers as `httpx2.Headers` would hold them. An httpx whose empty `Headers` holds more than
+    `_list` and `_encoding` gets its headers from the constructor."""
+    import types
+
+    import httpx2
+
+    from tower_aoai._driver import _bare_headers, _header_triples, _rewrite
+
+    engine = Engine(backends=[tower_aoai.Backend("east", "https://east.example:8443", deployment="d1", api_key="EAST-KEY")])
+    request = httpx2.Client().build_request(
+        "POST",
+        "https://sdk.example/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x=%C3%A9",
+        content=b'{"messages":[]}',
+        headers={"api-key": "CALLER-KEY", "x-keep": "1"},
+        extensions={"timeout": {"read": 5.0}},
+    )
+
+    class Headers(httpx2.Headers):
+        """An httpx whose headers keep one more attribute."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.extra = True
+
+    other = types.ModuleType("other_httpx")
+    vars(other).update({**vars(httpx2), "__name__": "other_httpx", "Headers": Headers})
+    assert _bare_headers(httpx2) and not _bare_headers(other)
+    for http in (httpx2, other):
+        step, attempt = engine.start().next()
+        assert step == "send"
+        sent = _rewrite(http, {}, request, attempt, _header_triples(httpx2))  # type: ignore[arg-type]
+        attempt.cancel()
+        expected = httpx2.Request(
+            "POST",
+            "https://east.example:8443/openai/deployments/d1/chat/completions?api-version=2024-10-21&x=%C3%A9",
+            headers=[(k, v) for k, v in request.headers.raw if k.lower() != b"api-key"] + [(b"api-key", b"EAST-KEY")],
+            content=b'{"messages":[]}',
+        )
+        assert str(sent.url) == str(expected.url)
+        assert type(sent.headers) is http.Headers
+        assert sent.headers._list == [
+            (b"Host" if k == b"host" else k, lower, b"east.example:8443" if lower == b"host" else v)
+            for k, lower, v in expected.headers._list
+        ]
+        assert vars(sent.headers).keys() == vars(http.Headers()).keys()
+        assert sent.headers["api-key"] == "EAST-KEY" and "CALLER-KEY" not in repr(vars(sent.headers))
+        assert sent.content == request.content and sent.extensions == request.extensions
+        assert sent.extensions is not request.extensions
+        assert request.headers["api-key"] == "CALLER-KEY"  # the caller's request is untouched

@@ -290,9 +290,20 @@ def _rewritten_headers(
     return out
 
 
+@functools.cache
+def _bare_headers(http: ModuleType) -> bool:
+    """Whether an empty ``http.Headers`` holds nothing but its ``_list`` and ``_encoding`` (every
+    httpx and httpx2 release so far): then a rewritten request's headers are made without the
+    constructor, whose type checks (``isinstance(None, Mapping)``) cost more than the rest of
+    the copy."""
+    return vars(http.Headers()) == {"_list": [], "_encoding": None}
+
+
 def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Attempt, triples: bool) -> Any:
     """The request as the attempt's backend needs it (host, deployment, model, auth)."""
-    url, host, auth, body = attempt.plan(str(request.url), request.content)
+    # The plan reads only the path and query (the backend's origin replaces the request's):
+    # `raw_path` is a few string operations where `str(url)` rebuilds the whole URL.
+    url, host, auth, body = attempt.plan(request.url.raw_path.decode("ascii"), request.content)
     target = urls.get(url)
     if target is None:
         if len(urls) >= _URL_CACHE_SIZE:
@@ -302,8 +313,12 @@ def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Atte
     edited = _rewritten_headers(_items(request.headers, triples), triples, host, auth, length)
     if triples:
         # Names from httpx's own triples or from Rust (valid, lower-case): no checks again.
-        headers = http.Headers()
-        headers._list = edited
+        if _bare_headers(http):
+            headers = object.__new__(http.Headers)
+            vars(headers).update(_list=edited, _encoding=None)
+        else:
+            headers = http.Headers()
+            headers._list = edited
     else:
         headers = http.Headers(edited)
     # A copy of the request with every attribute it has (whatever the httpx version), without
@@ -313,9 +328,7 @@ def _rewrite(http: ModuleType, urls: dict[str, Any], request: Any, attempt: Atte
     sent = object.__new__(type(request))
     attributes = vars(sent)
     attributes.update(vars(request))
-    sent.url = target
-    sent.headers = headers
-    sent.extensions = dict(request.extensions)
+    attributes.update(url=target, headers=headers, extensions=dict(request.extensions))
     if body is not None:
         sent.stream = http.ByteStream(body)
         attributes.pop("_content", None)  # the new body is read from its stream
