@@ -1207,6 +1207,159 @@ mod tests {
         e.on_cancel(tc, t0);
     }
 
+    /// The Python binding passes a response other than a 403 with only the headers of
+    /// [`headers::READ`](super::super::headers::READ): the engine must decide, count and diagnose
+    /// exactly as with every header, whatever the status.
+    #[test]
+    fn only_the_read_headers_matter_except_for_a_block() {
+        use crate::policy::headers::is_read;
+        const CAPACITY: &[u8] =
+            br#"{"error":{"code":"429","message":"The service is under high demand."}}"#;
+        // Says nothing of its cause: only the headers can.
+        const PLAIN: &[u8] = br#"{"error":{"code":"429","message":"Too many requests."}}"#;
+        let noise = [
+            ("content-type", "application/json"),
+            ("date", "Sun, 22 Nov 2026 14:00:00 GMT"),
+            ("x-ms-client-request-id", "c1"),
+            ("strict-transport-security", "max-age=31536000"),
+            ("azureml-model-session", "d1"),
+        ];
+        let success = [
+            ("x-ratelimit-remaining-requests", "99"),
+            ("x-ratelimit-remaining-tokens", "9000"),
+            ("x-ratelimit-limit-requests", "100"),
+            ("x-ratelimit-limit-tokens", "10000"),
+            ("x-ms-region", "East US 2"),
+            ("apim-request-id", "a1"),
+            ("x-request-id", "r1"),
+        ];
+        // (status, read headers, body): each outcome the classifier knows.
+        type Answer = (
+            u16,
+            Vec<(&'static str, &'static str)>,
+            Option<&'static [u8]>,
+        );
+        let answers: [Answer; 11] = [
+            (200, success.to_vec(), None),
+            (
+                429,
+                vec![
+                    ("retry-after-ms", "1500"),
+                    ("policy-id", "DeploymentRatelimit-Token"),
+                ],
+                Some(PLAIN),
+            ),
+            (429, vec![("retry-after", "2")], Some(CAPACITY)),
+            (
+                429,
+                vec![
+                    ("azure-openai-deployment-utilization", "100%"),
+                    ("retry-after-ms", "40"),
+                ],
+                Some(PLAIN),
+            ),
+            (
+                429,
+                vec![
+                    ("x-ratelimit-reset-requests", "30s"),
+                    ("x-ratelimit-reset-tokens", "1s"),
+                    ("x-rate-limit-reset-tokens", "2"),
+                ],
+                Some(CAPACITY),
+            ),
+            (
+                429,
+                vec![("x-ratelimit-reset-tokens", "25s")],
+                Some(CAPACITY),
+            ),
+            (
+                429,
+                vec![("x-rate-limit-reset-tokens", "20")],
+                Some(CAPACITY),
+            ),
+            (
+                503,
+                vec![("retry-after", "1"), ("x-should-retry", "true")],
+                Some(b"{}"),
+            ),
+            (500, vec![("x-should-retry", "false")], Some(b"{}")),
+            (408, vec![], Some(b"{}")),
+            (403, vec![("x-ms-region", "East US 2")], Some(BLOCKED)),
+        ];
+        let backends = || {
+            let mut b = two_regions();
+            b.push(Backend::new("third", "https://third.example.com").with_api_key("k3"));
+            Some(b)
+        };
+        let (mut whole, mut read) = (engine(backends()), engine(backends()));
+        let t0 = Instant::now();
+        let mut now = t0;
+        for round in 0..3 {
+            for (status, named, body) in &answers {
+                let mut all = HeaderMap::new();
+                for (k, v) in named.iter().chain(&noise) {
+                    all.append(*k, http::HeaderValue::from_str(v).unwrap());
+                }
+                let status = StatusCode::from_u16(*status).unwrap();
+                let mut some = all.clone();
+                if status != StatusCode::FORBIDDEN {
+                    some = all
+                        .iter()
+                        .filter(|(k, _)| is_read(k.as_str().as_bytes()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    assert!(some.len() < all.len());
+                }
+                let mut calls = (whole.start(now, b"{}", None), read.start(now, b"{}", None));
+                let (a, b) = (whole.next(&mut calls.0, now), read.next(&mut calls.1, now));
+                assert_eq!(
+                    format!("{a:?}"),
+                    format!("{b:?}"),
+                    "round {round}, {status}"
+                );
+                let (Next::Send(ta), Next::Send(tb)) = (a, b) else {
+                    now += Duration::from_secs(30);
+                    continue;
+                };
+                let after = (
+                    whole.on_response(&mut calls.0, ta, status, &all, *body, now, wall()),
+                    read.on_response(&mut calls.1, tb, status, &some, *body, now, wall()),
+                );
+                assert_eq!(after.0, after.1, "round {round}, {status}");
+                let next = (whole.next(&mut calls.0, now), read.next(&mut calls.1, now));
+                assert_eq!(
+                    format!("{:?}", next.0),
+                    format!("{:?}", next.1),
+                    "round {round}"
+                );
+                if let (Next::Send(a), Next::Send(b)) = next {
+                    whole.on_cancel(a, now);
+                    read.on_cancel(b, now);
+                }
+                if calls.0.is_queued() {
+                    whole.forget(&mut calls.0);
+                    read.forget(&mut calls.1);
+                }
+                // The gauges too (cooldowns, pacing), as of now.
+                assert_eq!(
+                    format!("{:?}", whole.stats(now, wall())),
+                    format!("{:?}", read.stats(now, wall())),
+                    "round {round}, {status}"
+                );
+                now += Duration::from_millis(700);
+            }
+        }
+        assert_eq!(
+            format!("{:?}", whole.stats(now, wall())),
+            format!("{:?}", read.stats(now, wall()))
+        );
+        assert_eq!(whole.diagnose(now, wall()), read.diagnose(now, wall()));
+        // The block's record kept every header but secrets.
+        let stats = whole.stats(now, wall());
+        let record = format!("{:?}", stats.blocks().last().expect("a block"));
+        assert!(record.contains("azureml-model-session"), "{record}");
+    }
+
     fn ok(e: &mut Engine, call: &mut EngineCall, ticket: Ticket, now: Instant) -> After {
         e.on_response(
             call,

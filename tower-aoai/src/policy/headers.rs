@@ -2,6 +2,9 @@
 //!
 //! Looking a header up by a `&str` parses and hashes the name on every call (hundreds of
 //! instructions); a constant [`HeaderName`] skips the parse. These are read on every response.
+//!
+//! A response header the core reads must be in [`READ`]: a caller that builds the
+//! [`HeaderMap`] itself (the Python binding) passes a response other than a 403 with only those.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -39,6 +42,61 @@ pub const APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `api-key`: Azure's key header.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// Every header the core reads from a response: its classification (`x-should-retry`,
+/// `policy-id`, `azure-openai-deployment-utilization`), the delay hints, the rate-limit headers,
+/// the region and the request ids. A blocked 403's support record keeps every header but
+/// secrets, so a caller that builds the [`HeaderMap`] from another representation (the Python
+/// binding converts each name and value) needs only these for any other status, and skips the
+/// rest ([`is_read`]): an Azure answer carries a dozen more.
+pub const READ: [HeaderName; 15] = [
+    RETRY_AFTER_MS,
+    RETRY_AFTER,
+    RESET_REQUESTS,
+    RESET_TOKENS,
+    RESET_TOKENS_AZURE,
+    REMAINING_REQUESTS,
+    REMAINING_TOKENS,
+    LIMIT_REQUESTS,
+    LIMIT_TOKENS,
+    SHOULD_RETRY,
+    POLICY_ID,
+    DEPLOYMENT_UTILIZATION,
+    MS_REGION,
+    APIM_REQUEST_ID,
+    REQUEST_ID,
+];
+
+/// Whether `name`, in any case, is one of [`READ`]. No allocation and no parse: a name longer
+/// than the longest of them is rejected by its length.
+pub fn is_read(name: &[u8]) -> bool {
+    let mut buf = [0u8; 40];
+    let Some(lower) = buf.get_mut(..name.len()) else {
+        return false;
+    };
+    for (to, from) in lower.iter_mut().zip(name) {
+        *to = from.to_ascii_lowercase();
+    }
+    // Literal names; a test checks them against `READ`.
+    matches!(
+        &*lower,
+        b"retry-after-ms"
+            | b"retry-after"
+            | b"x-ratelimit-reset-requests"
+            | b"x-ratelimit-reset-tokens"
+            | b"x-rate-limit-reset-tokens"
+            | b"x-ratelimit-remaining-requests"
+            | b"x-ratelimit-remaining-tokens"
+            | b"x-ratelimit-limit-requests"
+            | b"x-ratelimit-limit-tokens"
+            | b"x-should-retry"
+            | b"policy-id"
+            | b"azure-openai-deployment-utilization"
+            | b"x-ms-region"
+            | b"apim-request-id"
+            | b"x-request-id"
+    )
+}
 
 /// The rate-limit headers of a response and the region that answered (the first value of each),
 /// found in one pass over its headers: cheaper than a hashed lookup per name, and every response
@@ -155,6 +213,33 @@ mod tests {
             RateLimitHeaders::find(&HeaderMap::new()),
             RateLimitHeaders::default()
         );
+    }
+
+    #[test]
+    fn is_read_knows_every_name_of_read_and_no_other() {
+        for name in &READ {
+            assert!(is_read(name.as_str().as_bytes()), "{name}");
+            assert!(
+                is_read(name.as_str().to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
+            // One byte short or long is another name.
+            let s = name.as_str();
+            assert!(!is_read(&s.as_bytes()[..s.len() - 1]), "{name}");
+            assert!(!is_read(format!("{s}x").as_bytes()), "{name}");
+        }
+        for other in [
+            &b"content-type"[..],
+            b"date",
+            b"api-key",
+            b"x-ratelimit-other",
+            b"",
+            &[b'x'; 300],
+            b"x-ms-region\0",
+            b"RETRY-AFTER-MS ",
+        ] {
+            assert!(!is_read(other), "{other:?}");
+        }
     }
 
     #[test]
