@@ -149,6 +149,27 @@ def test_hostile_headers_are_skipped_not_fatal(caplog: pytest.LogCaptureFixture)
     assert any("invalid header" in r.getMessage() for r in caplog.records)
 
 
+def test_only_a_403_hands_over_every_header() -> None:
+    """The engine converts only the headers it reads (plus every header of a 403, whose support
+    record keeps them): unread ones, even invalid, cost nothing and log nothing; read ones count;
+    every item is still checked for its type."""
+    engine = Engine(backends=[tower_aoai.Backend("east", "https://east.example", api_key="k")])
+    noise = [(b"x-ms-client-request-id", b"c-1"), (b"x-junk", b"\xff\xfe"), (b"bad name", b"1")]
+    triples = [(b"X-RateLimit-Remaining-Requests", b"x-ratelimit-remaining-requests", b"41"), *((n, n, v) for n, v in noise)]
+    for headers in (triples, [(t[0], t[2]) for t in triples]):
+        after, lease = send(engine.start()).on_response_streamed(200, headers)
+        assert after[0] == "return" and lease is not None
+        lease.finish()
+        assert engine.stats()["backends"]["east"]["headroom"]["remaining_requests"] == 41
+    with pytest.raises(TypeError):
+        send(engine.start()).on_response(200, [(b"x-unread", "not bytes")])  # type: ignore[list-item]
+    blocked = b'{"error":{"code":"Forbidden","message":"Your resource has been temporarily blocked."}}'
+    assert send(engine.start()).on_response(403, [(b"apim-request-id", b"a-1"), *noise[:1]], blocked)[1] == "blocked"
+    record = engine.stats()["blocks"][0]
+    assert record["apim_request_id"] == "a-1"
+    assert dict(record["headers"])["x-ms-client-request-id"] == "c-1"
+
+
 def test_headers_must_be_byte_pairs() -> None:
     attempt = send(Engine().start())
     with pytest.raises(TypeError):

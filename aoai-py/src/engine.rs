@@ -23,6 +23,7 @@ use tower_aoai::policy::engine::{
     After, BodyEnd, Engine as Core, EngineCall, EngineConfig, Failure, Lease as CoreLease, Next,
     Ticket,
 };
+use tower_aoai::policy::headers;
 use tower_aoai::policy::route::{BackendId, Backends, HedgePolicy, RoutePolicy};
 use tower_aoai::policy::{
     Backoff, ConfigError, LimitConfig, Pacer, PacingConfig, RetryBudget, RetryPolicy,
@@ -945,7 +946,8 @@ impl Attempt {
     }
 
     /// Feeds the attempt's response: `status`, raw `headers` (an iterable of `(bytes, bytes)`,
-    /// such as `response.headers.raw`, or of httpx's `(name, lower-case name, value)` triples)
+    /// such as `response.headers.raw`, or of httpx's `(name, lower-case name, value)` triples;
+    /// of a response other than a 403, only the headers the engine reads are converted)
     /// and, for statuses that need it, the body's first bytes.
     /// The permit goes back now, whatever the outcome.
     #[pyo3(signature = (status, headers, body_prefix = None))]
@@ -1054,7 +1056,8 @@ impl Attempt {
                 "invalid `status`: must be between 100 and 999, got {status}"
             ))
         })?;
-        let headers = header_map(py, headers)?;
+        // A 403 may be a block, whose support record keeps every header.
+        let headers = header_map(py, headers, status == StatusCode::FORBIDDEN)?;
         let ticket = self.take_ticket()?;
         let mut state = lock(&self.call);
         let mut core = lock(&self.shared.core);
@@ -1252,9 +1255,12 @@ impl FailureInfo {
 
 /// Builds a header map from `(bytes, bytes)` pairs (or httpx's `(name, lower-case name, value)`
 /// triples), skipping (and logging at debug) any name or value that is not valid HTTP: a hostile
-/// header must not stop the call.
-fn header_map(py: Python<'_>, headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(headers.len().unwrap_or(0));
+/// header must not stop the call. Without `all`, only the headers the core reads
+/// ([`headers::READ`]) are converted: an Azure answer carries a dozen more, and converting each
+/// name and value cost more than the engine's whole answer. Every item is checked for its type
+/// either way.
+fn header_map(py: Python<'_>, headers: &Bound<'_, PyAny>, all: bool) -> PyResult<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(if all { headers.len().unwrap_or(0) } else { 0 });
     let mut add = |item: &Bound<'_, PyAny>| -> PyResult<()> {
         let not_pairs = || PyTypeError::new_err("headers must be (bytes, bytes) pairs");
         // `(name, value)`, or httpx's own `(name, lower-case name, value)`.
@@ -1270,6 +1276,9 @@ fn header_map(py: Python<'_>, headers: &Bound<'_, PyAny>) -> PyResult<HeaderMap>
         let (Ok(name), Ok(value)) = (name.cast::<PyBytes>(), value.cast::<PyBytes>()) else {
             return Err(not_pairs());
         };
+        if !all && !headers::is_read(name.as_bytes()) {
+            return Ok(());
+        }
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(value.as_bytes()),
