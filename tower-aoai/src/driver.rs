@@ -9,9 +9,9 @@ use http::Request;
 use http_body::Body;
 
 use crate::limit::TokenEstimate;
-use crate::policy::TokenEstimator;
-use crate::policy::classify::TransportError;
+use crate::policy::classify::{TransientKind, TransportError};
 use crate::policy::route::{BackendId, Backends, RewriteError};
+use crate::policy::{Outcome, TokenEstimator};
 
 /// The current instant on tokio's clock (paused and advanced in tests), as the core takes it.
 pub(crate) fn now() -> Instant {
@@ -23,6 +23,21 @@ pub(crate) fn now() -> Instant {
 pub(crate) fn take_ready<S: Clone>(svc: &mut S) -> S {
     let clone = svc.clone();
     std::mem::replace(svc, clone)
+}
+
+/// How a response body's poll ended the body, if it did: read to its end (a success; a body that
+/// knows it has ended ends with its last frame, not one poll later) or broken off by an error.
+/// The one rule every body wrapper of this crate gives its permit back or reports a break by.
+pub(crate) fn body_end<T, E>(
+    polled: &Poll<Option<Result<T, E>>>,
+    is_end_stream: impl FnOnce() -> bool,
+) -> Option<Outcome> {
+    match polled {
+        Poll::Ready(None) => Some(Outcome::Success),
+        Poll::Ready(Some(Err(_))) => Some(Outcome::Transient(TransientKind::Connect)),
+        Poll::Ready(Some(Ok(_))) if is_end_stream() => Some(Outcome::Success),
+        Poll::Ready(Some(Ok(_))) | Poll::Pending => None,
+    }
 }
 
 /// What kind of transport failure an inner service's error is: a timeout if any error in its

@@ -5,8 +5,8 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::service::PermitGuard;
+use crate::driver::body_end;
 use crate::policy::Outcome;
-use crate::policy::classify::TransientKind;
 use crate::stack::LeaseGuard;
 
 pin_project! {
@@ -93,15 +93,7 @@ impl<B: Body> Body for LimitBody<B> {
         let this = self.project();
         let mut inner = this.inner;
         let polled = inner.as_mut().poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None) => Some(Outcome::Success),
-            Poll::Ready(Some(Err(_))) => Some(Outcome::Transient(TransientKind::Connect)),
-            // A body that knows it has ended releases with its last frame, not one poll later.
-            Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(Outcome::Success),
-            Poll::Ready(Some(Ok(_))) => None,
-            Poll::Pending => None,
-        };
-        if let Some(outcome) = ended
+        if let Some(outcome) = body_end(&polled, || inner.is_end_stream())
             && let Some(guard) = this.guard.take()
         {
             guard.finish(outcome);

@@ -8,7 +8,8 @@ use http_body::{Body, Frame, SizeHint};
 use tower::BoxError;
 
 use super::layer::Shared;
-use crate::driver::now;
+use crate::driver::{body_end, now};
+use crate::policy::Outcome;
 use crate::policy::route::BackendId;
 use crate::retry::RetryBody;
 
@@ -69,8 +70,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Err(_))) => {
+        match body_end(&polled, || this.inner.is_end_stream()) {
+            // Ended: nothing left to report, and the router is let go of now.
+            Some(Outcome::Success) => this.watch = None,
+            Some(_) => {
                 if let Some(watch) = this.watch.take() {
                     tracing::debug!(
                         backend = watch.backend.index(),
@@ -83,9 +86,7 @@ where
                         .on_body_failed(watch.backend, now());
                 }
             }
-            // Ended: nothing left to report, and the router is let go of now.
-            Poll::Ready(None) => this.watch = None,
-            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+            None => {}
         }
         polled
     }
