@@ -1056,8 +1056,7 @@ impl Attempt {
                 "invalid `status`: must be between 100 and 999, got {status}"
             ))
         })?;
-        // A 403 may be a block, whose support record keeps every header.
-        let headers = header_map(py, headers, status == StatusCode::FORBIDDEN)?;
+        let headers = header_map(py, headers, classify::needs_all_headers(status))?;
         let ticket = self.take_ticket()?;
         let mut state = lock(&self.call);
         let mut core = lock(&self.shared.core);

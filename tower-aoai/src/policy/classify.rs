@@ -165,6 +165,12 @@ pub fn needs_body(status: StatusCode) -> bool {
     status.is_client_error() || status.is_server_error()
 }
 
+/// Whether the core may read every header of a response with this status, not only those of
+/// [`headers::READ`]: a 403 may be a block, whose support record keeps them all (but secrets).
+pub fn needs_all_headers(status: StatusCode) -> bool {
+    status == StatusCode::FORBIDDEN
+}
+
 /// Classifies a response from its status, headers and (for error statuses) the start of its body.
 pub fn classify_response(
     status: StatusCode,

@@ -47,8 +47,9 @@ pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// `policy-id`, `azure-openai-deployment-utilization`), the delay hints, the rate-limit headers,
 /// the region and the request ids. A blocked 403's support record keeps every header but
 /// secrets, so a caller that builds the [`HeaderMap`] from another representation (the Python
-/// binding converts each name and value) needs only these for any other status, and skips the
-/// rest ([`is_read`]): an Azure answer carries a dozen more.
+/// binding converts each name and value) needs only these for any status but those of
+/// [`needs_all_headers`](super::classify::needs_all_headers), and skips the rest ([`is_read`]):
+/// an Azure answer carries a dozen more.
 pub const READ: [HeaderName; 15] = [
     RETRY_AFTER_MS,
     RETRY_AFTER,
